@@ -1,0 +1,109 @@
+"""Multi-head attention for all Gemma variants: MHA/MQA/GQA, soft-cap, QK-norm, sliding window.
+
+Order (../shared/models.md, official gemma/gm/nn/_modules.py): project -> (Gemma 3) RMSNorm of q and k
+per head -> RoPE on q and k -> q * query scale -> logits -> (Gemma 2) tanh soft-cap -> causal and
+sliding-window mask -> softmax in float32 -> weighted values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .cache import LayerCache
+from .configs import LOCAL, ModelConfig
+from .layers import Einsum, RMSNorm
+from .rope import apply_rope
+
+# Large negative finite value for masked logits, as the official implementation (K_MASK): finite so a
+# fully masked row (a padding query) gives a uniform softmax instead of NaN.
+MASK_VALUE = -2.3819763e38
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+  """(B, T) query and (B, S) key positions -> (B, T, S) bool: key visible to query.
+
+  A key is visible when its slot is filled (k_pos >= 0), it is not in the future, and on sliding-window
+  layers q_pos - k_pos < window.
+  """
+  q = q_pos[:, :, None]
+  k = k_pos[:, None, :]
+  visible = (k >= 0) & (k <= q)
+  if window is not None:
+    visible &= q - k < window
+  return visible
+
+
+class Attention(nnx.Module):
+  """Attention with grouped kv heads (G = N // K query heads per kv head; k/v are never repeated)."""
+
+  def __init__(self, config: ModelConfig, attn_type: str, *, rngs: nnx.Rngs):
+    n, k, d, h = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
+    dtype = jnp.dtype(config.dtype)
+    self.num_kv_heads = k
+    self.query_scale = config.query_scale
+    self.softcap = config.attn_logits_softcap
+    self.window = config.sliding_window if attn_type == LOCAL else None
+    if attn_type == LOCAL:
+      self.rope_base, self.rope_scale = config.rope_base_local, 1.0
+    else:
+      self.rope_base, self.rope_scale = config.rope_base_global, config.rope_scale_global
+    # Official checkpoints fuse q, k, v into one (3, N, D, H) weight when K == N.
+    if n == k:
+      self.qkv_einsum = Einsum((3, n, d, h), ("_", "N", "D", "H"), dtype=dtype, rngs=rngs)
+    else:
+      self.q_einsum = Einsum((n, d, h), ("N", "D", "H"), dtype=dtype, rngs=rngs)
+      self.kv_einsum = Einsum((2, k, d, h), ("_", "K", "D", "H"), dtype=dtype, rngs=rngs)
+    self.attn_vec_einsum = Einsum((n, h, d), ("N", "H", "D"), dtype=dtype, rngs=rngs)
+    if config.use_qk_norm:
+      self._query_norm = RMSNorm(h, "H", eps=config.norm_eps, dtype=dtype, rngs=rngs)
+      self._key_norm = RMSNorm(h, "H", eps=config.norm_eps, dtype=dtype, rngs=rngs)
+    else:
+      self._query_norm = self._key_norm = None
+
+  def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q (B, T, N, H), k and v (B, T, K, H)."""
+    if hasattr(self, "qkv_einsum"):
+      w = self.qkv_einsum.w[...]
+      return tuple(jnp.einsum("BTD,NDH->BTNH", x, w[i]) for i in range(3))
+    q = self.q_einsum("BTD,NDH->BTNH", x)
+    w = self.kv_einsum.w[...]
+    return q, jnp.einsum("BTD,KDH->BTKH", x, w[0]), jnp.einsum("BTD,KDH->BTKH", x, w[1])
+
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
+               ) -> tuple[jax.Array, LayerCache | None]:
+    """x (B, T, D) at positions (B, T) (-1 = padding) -> (B, T, D) and the cache with this chunk added.
+
+    Queries attend to the cache as it was before this call plus the chunk itself, then the chunk is
+    written. Attending to both parts (one softmax over their concatenated logits) keeps a ring buffer
+    exact even when the chunk is longer than the window, and never copies the cache.
+    """
+    q, k, v = self.project(x)
+    if self._query_norm is not None:
+      q, k = self._query_norm(q), self._key_norm(k)
+    q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale)
+    k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
+    q = q * jnp.asarray(self.query_scale, q.dtype)
+    b, t, n, h = q.shape
+    qg = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
+
+    parts = [(k, v, positions)]
+    if cache is not None:
+      parts.insert(0, (cache.k, cache.v, cache.pos))
+    logits = []
+    for keys, _, k_pos in parts:
+      l = jnp.einsum("BTKGH,BSKH->BTKGS", qg, keys, preferred_element_type=jnp.float32)
+      if self.softcap is not None:
+        l = jnp.tanh(l / self.softcap) * self.softcap
+      mask = attention_mask(positions, k_pos, self.window)[:, :, None, None, :]
+      logits.append(jnp.where(mask, l, MASK_VALUE))
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(v.dtype)
+    out, start = 0.0, 0
+    for keys, values, _ in parts:
+      s = keys.shape[1]
+      out = out + jnp.einsum("BTKGS,BSKH->BTKGH", probs[..., start:start + s], values)
+      start += s
+    out = out.reshape(b, t, n, h).astype(x.dtype)
+    new_cache = None if cache is None else cache.write(k, v, positions)
+    return self.attn_vec_einsum("BTNH,NHD->BTD", out), new_cache

@@ -1,0 +1,89 @@
+"""The KV cache: a typed pytree of per-layer keys, values and the position held in each slot.
+
+Local (sliding-window) layers get a ring buffer of min(window, cache_len) slots: position p lives in
+slot p % slots, so generation can run far past the window in constant memory. Global layers get
+cache_len slots, position p in slot p. Each slot records the position it holds (-1 when empty); masks
+are built from these positions, never from slot indices, which keeps ring buffers exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .configs import LOCAL, ModelConfig
+
+EMPTY = -1
+
+
+@struct.dataclass
+class LayerCache:
+  """One layer's cache.
+
+  Attributes:
+    k: (B, S, K, H) keys, RoPE already applied.
+    v: (B, S, K, H) values.
+    pos: (B, S) int32 position held by each slot, EMPTY (-1) if none.
+    ring: static; True for a sliding-window ring buffer.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  ring: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def num_slots(self) -> int:
+    return self.k.shape[1]
+
+  def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "LayerCache":
+    """Stores a chunk: k_new/v_new (B, T, K, H) at positions (B, T) (EMPTY marks padding).
+
+    Global caches put position p in slot p; the caller guarantees p < S (decode checks lengths before
+    tracing, so nothing is dropped silently). Ring caches put p in slot p % S and keep only each row's
+    last S positions of the chunk, so no two tokens of one write land in the same slot.
+    """
+    s = self.num_slots
+    valid = positions >= 0
+    if self.ring:
+      last = jnp.max(positions, axis=1, keepdims=True)
+      keep = valid & (positions > last - s)
+      slots = jnp.where(keep, positions % s, s)
+    else:
+      slots = jnp.where(valid, positions, s)
+    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    # mode="drop": slot index s is out of bounds on purpose for padding and superseded tokens.
+    return self.replace(
+        k=self.k.at[rows, slots].set(k_new.astype(self.k.dtype), mode="drop"),
+        v=self.v.at[rows, slots].set(v_new.astype(self.v.dtype), mode="drop"),
+        pos=self.pos.at[rows, slots].set(positions, mode="drop"),
+    )
+
+
+Cache = tuple[LayerCache, ...]
+
+
+def layer_slots(config: ModelConfig, cache_len: int) -> tuple[int, ...]:
+  """Slots per layer: min(window, cache_len) for local layers, cache_len for global ones."""
+  return tuple(min(config.sliding_window, cache_len) if t == LOCAL else cache_len
+               for t in config.attention_types)
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> Cache:
+  """An empty cache for `batch_size` rows holding positions [0, cache_len) on global layers."""
+  if cache_len < 1 or batch_size < 1:
+    raise ValueError(f"cache needs batch_size >= 1 and cache_len >= 1, got {batch_size}, {cache_len}")
+  dtype = jnp.dtype(dtype or config.dtype)
+  kv_shape = lambda s: (batch_size, s, config.num_kv_heads, config.head_dim)
+  return tuple(
+      LayerCache(k=jnp.zeros(kv_shape(s), dtype), v=jnp.zeros(kv_shape(s), dtype),
+                 pos=jnp.full((batch_size, s), EMPTY, jnp.int32), ring=t == LOCAL)
+      for s, t in zip(layer_slots(config, cache_len), config.attention_types))
+
+
+def cache_bytes(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> int:
+  """Bytes the cache of init_cache(...) occupies, computed without allocating it."""
+  itemsize = jnp.dtype(dtype or config.dtype).itemsize
+  per_slot = 2 * config.num_kv_heads * config.head_dim * itemsize + 4
+  return batch_size * per_slot * sum(layer_slots(config, cache_len))

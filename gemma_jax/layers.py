@@ -1,0 +1,65 @@
+"""Einsum, RMSNorm and Embedder: the three parameterised building blocks.
+
+Parameter names follow the official checkpoints (`w`, `scale`, `input_embedding`) so that importers are
+short tables. Every Param carries `axes`, its logical dimension names in the alphabet of shapes.py,
+which sharding rules map to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_INIT = jax.nn.initializers.normal(stddev=0.02)
+
+
+class Einsum(nnx.Module):
+  """A weight `w` of `shape` contracted with the input by `equation` (e.g. "BTD,NDH->BTNH")."""
+
+  def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], *, dtype, rngs: nnx.Rngs):
+    if len(shape) != len(axes):
+      raise ValueError(f"shape {shape} and axes {axes} differ in rank")
+    self.w = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=axes)
+
+  def __call__(self, equation: str, x: jax.Array) -> jax.Array:
+    return jnp.einsum(equation, x, self.w[...])
+
+
+class RMSNorm(nnx.Module):
+  """`x * rsqrt(mean(x^2) + eps) * (1 + scale)`, statistics in float32; `scale` is zero-centred.
+
+  The official implementation (gemma/layers.py) and Hugging Face both apply (1 + scale) in float32
+  before casting back (litgpt#1031 lists the bf16 variant as a bug).
+  """
+
+  def __init__(self, dim: int, axis_name: str, *, eps: float, dtype, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.zeros((dim,), dtype), axes=(axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = x32 * jax.lax.rsqrt(var + self.eps)
+    return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+  """Token embedding (V, D), shared with the output logits (tied)."""
+
+  def __init__(self, vocab_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.input_embedding = nnx.Param(_INIT(rngs.params(), (vocab_size, embed_dim), dtype), axes=("V", "D"))
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """(B, T) ids -> (B, T, D), scaled by sqrt(D) cast to the activation dtype first.
+
+    In bf16 sqrt(3072) rounds to 55.5; the official model was trained with that value (litgpt#1031).
+    """
+    table = self.input_embedding[...]
+    x = jnp.take(table, tokens, axis=0)
+    return x * jnp.sqrt(jnp.float32(table.shape[1])).astype(x.dtype)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """(B, T, D) -> (B, T, V) float32 logits."""
+    return jnp.einsum("BTD,VD->BTV", x, self.input_embedding[...], preferred_element_type=jnp.float32)
