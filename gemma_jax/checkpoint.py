@@ -1,0 +1,216 @@
+"""Our checkpoint format: one directory with Orbax params, the config and the tokenizer.
+
+  DIR/config.json      {"format": "gemma_jax", "version": 1, "config": {...ModelConfig...}, "source": ...}
+  DIR/params/          Orbax checkpoint of the nested param dict (official names: layer_0/attn/q_einsum/w)
+  DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
+
+The only module that imports Orbax. Restores go straight into the requested dtype and shardings after
+the stored shapes are checked against the config, so a mismatch names the parameter and both shapes
+instead of failing deep inside Orbax or, worse, restoring silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .configs import ModelConfig
+from .errors import GemmaError
+from .transformer import Transformer
+
+FORMAT = "gemma_jax"
+VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILE = "tokenizer.model"
+
+# Orbax logs every save and restore at INFO; keep users' logs for their own messages.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph definition and its params as ShapeDtypeStructs (nothing allocated)."""
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{'layer_0/attn/q_einsum/w': (N, D, H), ...}: every parameter's shape for this config."""
+  _, state = abstract_model(config)
+  return {path: tuple(x.shape) for path, x in flatten(nnx.to_pure_dict(state)).items()}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf}."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(flatten(value, path + "/"))
+    else:
+      out[path] = value
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': leaf} -> nested dict."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def check_params(config: ModelConfig, found: dict[str, tuple[int, ...]], where: str) -> None:
+  """Raises GemmaError naming each missing, unexpected or mis-shaped parameter (flat paths)."""
+  expected = param_shapes(config)
+  problems = []
+  for path, shape in expected.items():
+    if path not in found:
+      problems.append(f"missing parameter {path} (expected shape {shape})")
+    elif tuple(found[path]) != shape:
+      problems.append(f"parameter {path} has shape {tuple(found[path])} but the config "
+                      f"({config.name}) expects {shape}")
+  problems += [f"unexpected parameter {p} with shape {tuple(found[p])}" for p in found if p not in expected]
+  if problems:
+    raise GemmaError(f"{where}: checkpoint does not match the config: " + "; ".join(problems[:8])
+                     + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+
+
+def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, Any], *,
+         tokenizer_proto: bytes | None = None, source: str = "") -> pathlib.Path:
+  """Writes a checkpoint into the new directory `directory`.
+
+  Args:
+    config: the model's config; params must match it (checked first).
+    params: nested dict of arrays (numpy or jax) with the official names, e.g.
+      params["layer_0"]["attn"]["q_einsum"]["w"] of shape (N, D, H).
+    tokenizer_proto: serialized sentencepiece model, if the source had one.
+    source: free text recorded in config.json (where the weights came from).
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and any(directory.iterdir()):
+    raise GemmaError(f"output directory {directory} already exists and is not empty")
+  check_params(config, {k: np.shape(v) for k, v in flatten(params).items()}, f"saving to {directory}")
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / PARAMS_DIR, params)
+  checkpointer.wait_until_finished()
+  meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source}
+  (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+  if tokenizer_proto is not None:
+    (directory / TOKENIZER_FILE).write_bytes(tokenizer_proto)
+  return directory
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig stored in a checkpoint directory, with clear errors for non-checkpoints."""
+  directory = pathlib.Path(directory)
+  if not directory.exists():
+    raise GemmaError(f"checkpoint directory {directory} does not exist")
+  config_path = directory / CONFIG_FILE
+  if not directory.is_dir() or not config_path.is_file():
+    raise GemmaError(f"{directory} is not a gemma_jax checkpoint (no {CONFIG_FILE}); "
+                     "convert weights first with `python -m gemma_jax.convert SRC DST`")
+  try:
+    meta = json.loads(config_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise GemmaError(f"{config_path} is not valid JSON: {e}") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise GemmaError(f"{config_path} is not a gemma_jax checkpoint config (no \"format\": \"{FORMAT}\")")
+  if meta.get("version") != VERSION:
+    raise GemmaError(f"{config_path} has format version {meta.get('version')}, this library reads "
+                     f"version {VERSION}")
+  try:
+    return ModelConfig.from_dict(meta["config"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise GemmaError(f"{config_path}: invalid model config: {e}") from None
+
+
+def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """Flat {path: shape} of the params stored in a checkpoint, read from Orbax metadata only."""
+  path = pathlib.Path(directory).absolute() / PARAMS_DIR
+  if not path.is_dir():
+    raise GemmaError(f"{directory} has no {PARAMS_DIR}/ directory: not a complete gemma_jax checkpoint")
+  try:
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  except Exception as e:  # Orbax raises many types for corrupt metadata; name the file instead.
+    raise GemmaError(f"cannot read the Orbax metadata in {path}: {e}") from None
+  return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+def load_params(directory: str | os.PathLike, config: ModelConfig,
+                sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None
+                ) -> tuple[nnx.GraphDef, nnx.State]:
+  """Restores params into config.dtype, each directly into its target sharding.
+
+  Args:
+    sharding: maps a flat param path and shape to its target sharding; default: the first device.
+  Returns:
+    (graphdef, params) for nnx.merge; params is an nnx.State of jax arrays.
+  """
+  directory = pathlib.Path(directory).absolute()
+  check_params(config, stored_shapes(directory), str(directory))
+  graphdef, state = abstract_model(config)
+  dtype = jnp.dtype(config.dtype)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  flat = flatten(nnx.to_pure_dict(state))
+  target = unflatten({
+      path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding(path, x.shape) if sharding else default)
+      for path, x in flat.items()})
+  restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+  nnx.replace_by_pure_dict(state, restored)
+  return graphdef, state
+
+
+def load(directory: str | os.PathLike, dtype: str | None = None, sharding=None
+         ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, bytes | None]:
+  """(config, graphdef, params, tokenizer proto or None) from a checkpoint directory.
+
+  dtype: "float32" or "bfloat16" to override the stored config's runtime dtype.
+  """
+  config = read_config(directory)
+  if dtype is not None:
+    try:
+      config = config.replace(dtype=dtype)
+    except ValueError as e:
+      raise GemmaError(str(e)) from None
+  graphdef, params = load_params(directory, config, sharding)
+  tok_path = pathlib.Path(directory) / TOKENIZER_FILE
+  return config, graphdef, params, (tok_path.read_bytes() if tok_path.is_file() else None)
+
+
+def read_orbax_tree(path: str | os.PathLike) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+  """Any Orbax PyTree checkpoint (e.g. an official Kaggle one): its metadata now, its arrays on demand.
+
+  Returns:
+    ({flat path: shape}, restore) where restore() gives the nested dict of numpy arrays. Paths join
+    the stored keys with "/", so the official key "transformer/layer_0/attn/q_einsum" with leaf "w"
+    becomes "transformer/layer_0/attn/q_einsum/w".
+  """
+  path = pathlib.Path(path).absolute()
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    tree = checkpointer.metadata(path).item_metadata.tree
+  except Exception as e:  # Orbax raises many types for a folder that is not a checkpoint
+    raise GemmaError(f"{path} is not a readable Orbax checkpoint: {e}") from None
+  shapes = {k: tuple(v.shape) for k, v in flatten(tree).items()}
+  return shapes, lambda: checkpointer.restore(path)
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+  """True for a folder that looks like an Orbax checkpoint (has _METADATA or _CHECKPOINT_METADATA)."""
+  path = pathlib.Path(path)
+  return path.is_dir() and ((path / "_METADATA").is_file() or (path / "_CHECKPOINT_METADATA").is_file())

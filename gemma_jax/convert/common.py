@@ -1,0 +1,66 @@
+"""What every importer shares: the result type, config matching against presets, weight reshapes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ..configs import PRESETS, ModelConfig
+from ..errors import GemmaError
+
+
+@dataclasses.dataclass
+class Imported:
+  """An importer's output: everything checkpoint.save needs."""
+
+  config: ModelConfig
+  params: dict[str, Any]  # flat {"layer_0/attn/q_einsum/w": np.ndarray}
+  tokenizer_proto: bytes | None
+  source: str
+
+
+def matching_preset(family: int, num_layers: int, embed_dim: int, hidden_dim: int, num_heads: int,
+                    num_kv_heads: int, head_dim: int) -> ModelConfig | None:
+  """The official preset with these dimensions, if any (it supplies what files do not store, such as
+  the 27B models' query scale 1/sqrt(D/N))."""
+  for cfg in PRESETS.values():
+    if (cfg.family, cfg.num_layers, cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads,
+        cfg.head_dim) == (family, num_layers, embed_dim, hidden_dim, num_heads, num_kv_heads, head_dim):
+      return cfg
+  return None
+
+
+def expect_shape(name: str, array: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
+  """Returns array if it has `shape`, else a GemmaError naming the tensor and both shapes."""
+  if tuple(array.shape) != tuple(shape):
+    raise GemmaError(f"{where}: tensor {name} has shape {tuple(array.shape)} but the config expects "
+                     f"{tuple(shape)}")
+  return array
+
+
+def attention_params(cfg: ModelConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                     o: np.ndarray) -> dict[str, np.ndarray]:
+  """Row-major projection matrices -> our attention params.
+
+  Args:
+    q: (N*H, D), k and v: (K*H, D), o: (D, N*H) -- the torch/GGUF "out_features x in_features" layout.
+  Returns:
+    {"q_einsum/w": (N, D, H), "kv_einsum/w": (2, K, D, H), "attn_vec_einsum/w": (N, H, D)}, or
+    {"qkv_einsum/w": (3, N, D, H), ...} when K == N, as the official checkpoints store it.
+  """
+  n, kh, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
+  heads = lambda w, count: w.reshape(count, h, d).transpose(0, 2, 1)  # (count*H, D) -> (count, D, H)
+  out = {"attn_vec_einsum/w": o.reshape(d, n, h).transpose(1, 2, 0)}
+  if n == kh:
+    out["qkv_einsum/w"] = np.stack([heads(q, n), heads(k, kh), heads(v, kh)])
+  else:
+    out["q_einsum/w"] = heads(q, n)
+    out["kv_einsum/w"] = np.stack([heads(k, kh), heads(v, kh)])
+  return {key: np.ascontiguousarray(val) for key, val in out.items()}
+
+
+def mlp_params(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
+  """gate, up (F, D) and down (D, F) -> {"gating_einsum/w": (2, F, D), "linear/w": (F, D)}."""
+  return {"gating_einsum/w": np.stack([gate, up]), "linear/w": np.ascontiguousarray(down.T)}

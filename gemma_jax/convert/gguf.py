@@ -1,0 +1,173 @@
+"""Import llama.cpp GGUF files of Gemma, Gemma 2 and Gemma 3 text models.
+
+Tensor names and shapes: ../shared/models.md ("GGUF layout"). llama.cpp's converter stores RMSNorm
+weights with the +1 already added (convert_hf_to_gguf.py, GemmaModel.modify_tensors), so 1 is
+subtracted here; q/k are not permuted for Gemma (NEOX rope, rotate-half), so they load as they are.
+Quantized tensors are dequantized to float32 with the gguf package, one tensor at a time from the
+memory-mapped file, so only one full copy of the weights is ever held.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import gguf as gguf_lib
+import numpy as np
+from tqdm import tqdm
+
+from ..configs import GLOBAL, LOCAL, ModelConfig
+from ..errors import GemmaError
+from .common import Imported, attention_params, expect_shape, matching_preset, mlp_params
+from .gguf_tokenizer import tokenizer_from_gguf
+
+T = gguf_lib.GGMLQuantizationType
+SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K,
+                   T.Q5_K, T.Q6_K)
+ARCHITECTURES = {"gemma": 1, "gemma2": 2, "gemma3": 3}
+_NORMS = {"attn_norm": "pre_attention_norm", "post_attention_norm": "post_attention_norm",
+          "ffn_norm": "pre_ffw_norm", "post_ffw_norm": "post_ffw_norm"}
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+  """True if path is a file that starts with the GGUF magic."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return False
+  with open(path, "rb") as f:
+    return f.read(4) == b"GGUF"
+
+
+def open_reader(path: str | os.PathLike) -> gguf_lib.GGUFReader:
+  """A GGUFReader with clear errors for missing, foreign and truncated files."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise GemmaError(f"{path} does not exist")
+  if not is_gguf(path):
+    raise GemmaError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+  try:
+    reader = gguf_lib.GGUFReader(path)
+  except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged headers
+    raise GemmaError(f"{path} is not a readable GGUF file (truncated or damaged?): {e}") from None
+  size = path.stat().st_size
+  for t in reader.tensors:
+    if t.data_offset + t.n_bytes > size:
+      raise GemmaError(f"{path} is truncated: tensor {t.name} needs bytes up to "
+                       f"{t.data_offset + t.n_bytes} but the file has {size}")
+  return reader
+
+
+def _field(reader: gguf_lib.GGUFReader, key: str, default: Any = None, required: bool = False) -> Any:
+  field = reader.fields.get(key)
+  if field is None:
+    if required:
+      raise GemmaError(f"{reader.path}: GGUF metadata key {key!r} is missing")
+    return default
+  return field.contents()
+
+
+def read_config(reader: gguf_lib.GGUFReader) -> ModelConfig:
+  """A ModelConfig from GGUF metadata, completed by the matching official preset when there is one."""
+  arch = _field(reader, "general.architecture", required=True)
+  if arch not in ARCHITECTURES:
+    raise GemmaError(f"{reader.path}: unsupported architecture {arch!r}; gemma_jax imports "
+                     f"{', '.join(ARCHITECTURES)}")
+  family = ARCHITECTURES[arch]
+  get = lambda key, default=None, required=False: _field(reader, f"{arch}.{key}", default, required)
+  embd = _tensor(reader, "token_embd.weight")
+  vocab_size = int(embd.shape[1])  # GGUF lists dims fastest-first: (D, V)
+  d = int(get("embedding_length", required=True))
+  n = int(get("attention.head_count", required=True))
+  dims = dict(num_layers=int(get("block_count", required=True)), embed_dim=d,
+              hidden_dim=int(get("feed_forward_length", required=True)), num_heads=n,
+              num_kv_heads=int(get("attention.head_count_kv", n)),
+              head_dim=int(get("attention.key_length", d // n)))
+  preset = matching_preset(family, **dims)
+  base = float(get("rope.freq_base", 10_000.0))
+  fields: dict[str, Any] = dict(
+      name=preset.name if preset else f"{arch}_gguf", family=family, vocab_size=vocab_size, **dims,
+      norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+      max_seq_len=int(get("context_length", 8192)),
+      query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else None)
+  if family == 2:
+    fields.update(attention_pattern=(LOCAL, GLOBAL), sliding_window=int(get("attention.sliding_window", 4096)),
+                  attn_logits_softcap=float(get("attn_logit_softcapping", 50.0)),
+                  final_logits_softcap=float(get("final_logit_softcapping", 30.0)),
+                  use_post_attn_norm=True, use_post_ffw_norm=True, rope_base_local=base, rope_base_global=base)
+  elif family == 3:
+    # llama.cpp hard-codes the 5:1 pattern and the local base of 10k for gemma3 (not in the metadata).
+    fields.update(attention_pattern=(LOCAL,) * 5 + (GLOBAL,),
+                  sliding_window=int(get("attention.sliding_window", 512)), use_qk_norm=True,
+                  use_post_attn_norm=True, use_post_ffw_norm=True, rope_base_local=10_000.0,
+                  rope_base_global=base, rope_scale_global=float(get("rope.scaling.factor", 1.0)))
+  else:
+    fields.update(rope_base_local=base, rope_base_global=base)
+  try:
+    return ModelConfig(**fields)
+  except ValueError as e:
+    raise GemmaError(f"{reader.path}: {e}") from None
+
+
+def _tensor(reader: gguf_lib.GGUFReader, name: str):
+  for t in reader.tensors:
+    if t.name == name:
+      return t
+  raise GemmaError(f"{reader.path}: tensor {name!r} is missing")
+
+
+def dequantize(tensor, where: str) -> np.ndarray:
+  """One GGUF tensor as a float32 numpy array in numpy (row-major) shape."""
+  if tensor.tensor_type not in SUPPORTED_TYPES:
+    raise GemmaError(f"{where}: tensor {tensor.name} has type {tensor.tensor_type.name}, which gemma_jax "
+                     f"does not import (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+  shape = tuple(int(x) for x in reversed(tensor.shape))
+  data = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
+  return np.asarray(data, dtype=np.float32).reshape(shape)
+
+
+def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
+  """Reads a Gemma GGUF file into our params (flat, float32), config and tokenizer."""
+  reader = open_reader(path)
+  where = str(path)
+  cfg = read_config(reader)
+  for t in reader.tensors:  # fail on an unsupported type before spending minutes dequantizing
+    if t.tensor_type not in SUPPORTED_TYPES:
+      dequantize(t, where)
+  d, f, h, v = cfg.embed_dim, cfg.hidden_dim, cfg.head_dim, cfg.vocab_size
+  names = {t.name for t in reader.tensors}
+  bar = tqdm(total=len(reader.tensors), desc="converting", unit="tensor", disable=not progress)
+
+  def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    names.discard(name)
+    bar.update()
+    return expect_shape(name, dequantize(_tensor(reader, name), where), shape, where)
+
+  params = {"embedder/input_embedding": take("token_embd.weight", (v, d)),
+            "final_norm/scale": take("output_norm.weight", (d,)) - 1.0}
+  for i in range(cfg.num_layers):
+    b = f"blk.{i}."
+    attn = attention_params(cfg, take(b + "attn_q.weight", (cfg.num_heads * h, d)),
+                            take(b + "attn_k.weight", (cfg.num_kv_heads * h, d)),
+                            take(b + "attn_v.weight", (cfg.num_kv_heads * h, d)),
+                            take(b + "attn_output.weight", (d, cfg.num_heads * h)))
+    params.update({f"layer_{i}/attn/{k}": val for k, val in attn.items()})
+    mlp = mlp_params(take(b + "ffn_gate.weight", (f, d)), take(b + "ffn_up.weight", (f, d)),
+                     take(b + "ffn_down.weight", (d, f)))
+    params.update({f"layer_{i}/mlp/{k}": val for k, val in mlp.items()})
+    norms = dict(_NORMS)
+    if not cfg.use_post_attn_norm:
+      norms.pop("post_attention_norm")
+    if not cfg.use_post_ffw_norm:
+      norms.pop("post_ffw_norm")
+    for gguf_name, ours in norms.items():
+      params[f"layer_{i}/{ours}/scale"] = take(f"{b}{gguf_name}.weight", (d,)) - 1.0
+    if cfg.use_qk_norm:
+      params[f"layer_{i}/attn/_query_norm/scale"] = take(b + "attn_q_norm.weight", (h,)) - 1.0
+      params[f"layer_{i}/attn/_key_norm/scale"] = take(b + "attn_k_norm.weight", (h,)) - 1.0
+  bar.close()
+  names.discard("output.weight")  # an untied copy of the embedding some converters write; Gemma ties it
+  names.discard("rope_freqs.weight")
+  if names:
+    raise GemmaError(f"{where}: unexpected tensors for a {cfg.name} model: {sorted(names)[:8]}")
+  return Imported(cfg, params, tokenizer_from_gguf(reader, where), source=f"gguf:{pathlib.Path(path).name}")

@@ -1,0 +1,76 @@
+"""Import the official Gemma Flax/Orbax checkpoints (Kaggle layout).
+
+Flat keys such as "transformer/layer_0/attn/q_einsum" -> {"w"}, "transformer/embedder" ->
+{"input_embedding"}: after dropping the "transformer/" prefix they are exactly our parameter paths
+(../shared/models.md). The checkpoint stores no config: the family comes from which norms exist, the
+dimensions from the shapes, and the rest from the matching official preset (or one named by the user).
+Gemma 2 2B stores gating_einsum as (2, D, F); it is transposed to our (2, F, D).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+from .. import checkpoint
+from ..configs import ModelConfig, get_preset
+from ..errors import GemmaError
+from .common import Imported, matching_preset
+
+PREFIX = "transformer/"
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> ModelConfig:
+  """The official preset whose family and dimensions match these (flat, prefix-free) shapes."""
+  try:
+    v, d = shapes["embedder/input_embedding"]
+    num_layers = len({p.split("/")[0] for p in shapes if p.startswith("layer_")})
+    f = shapes["layer_0/mlp/linear/w"][0]
+    if "layer_0/attn/qkv_einsum/w" in shapes:
+      _, n, _, h = shapes["layer_0/attn/qkv_einsum/w"]
+      k = n
+    else:
+      n, _, h = shapes["layer_0/attn/q_einsum/w"]
+      k = shapes["layer_0/attn/kv_einsum/w"][1]
+  except (KeyError, ValueError) as e:
+    raise GemmaError(f"{where}: not an official Gemma checkpoint (missing or odd parameter {e})") from None
+  family = 3 if "layer_0/attn/_query_norm/scale" in shapes else 2 if "layer_0/post_ffw_norm/scale" in shapes else 1
+  preset = matching_preset(family, num_layers, d, f, n, k, h)
+  if preset is None:
+    raise GemmaError(f"{where}: no official preset matches Gemma {family} with L={num_layers} D={d} F={f} "
+                     f"N={n} K={k} H={h}; name one with --preset")
+  return preset.replace(vocab_size=v)
+
+
+def import_official(path: str | os.PathLike, preset: str | None = None, progress: bool = False) -> Imported:
+  """Reads an official Orbax checkpoint folder into our flat params (stored dtype kept)."""
+  del progress  # one Orbax restore; nothing to count
+  where = str(path)
+  if not pathlib.Path(path).exists():
+    raise GemmaError(f"{path} does not exist")
+  raw_shapes, restore = checkpoint.read_orbax_tree(path)
+  if not any(p.startswith(PREFIX) for p in raw_shapes):
+    raise GemmaError(f"{where}: an Orbax checkpoint, but without the official '{PREFIX}...' keys")
+  shapes = {p[len(PREFIX):]: s for p, s in raw_shapes.items() if p.startswith(PREFIX)}
+  if preset is not None:
+    try:
+      cfg = get_preset(preset)
+    except ValueError as e:
+      raise GemmaError(str(e)) from None
+    cfg = cfg.replace(vocab_size=shapes.get("embedder/input_embedding", (cfg.vocab_size,))[0])
+  else:
+    cfg = infer_config(shapes, where)
+  params = {}
+  for p, value in checkpoint.flatten(restore()).items():
+    if not p.startswith(PREFIX):
+      continue
+    p = p[len(PREFIX):]
+    value = np.asarray(value)
+    if p.endswith("mlp/gating_einsum/w") and value.shape == (2, cfg.embed_dim, cfg.hidden_dim) \
+        and cfg.embed_dim != cfg.hidden_dim:
+      value = np.ascontiguousarray(value.transpose(0, 2, 1))  # Gemma 2 2B layout
+    params[p] = value
+  checkpoint.check_params(cfg, {p: v.shape for p, v in params.items()}, where)
+  return Imported(cfg, params, None, source=f"official:{pathlib.Path(path).name}")
