@@ -36,6 +36,9 @@ assert (_Piece.NORMAL, _Piece.UNKNOWN, _Piece.CONTROL, _Piece.USER_DEFINED, _Pie
 # Pieces that chat text must be able to spell: user-defined in the official Gemma tokenizer.model (so the
 # instruct template, written as text, encodes each to one id), but marked control in GGUF files, because
 # llama.cpp's converter flags every added token that Hugging Face lists as "special" as control.
+# Every other piece keeps the GGUF's type. That includes `<mask>` and `<unusedN>`, which llama.cpp's converter
+# marks control by their names whatever the source said: we keep them control on purpose, so that user text
+# can never produce them.
 _USER_DEFINED_IN_OFFICIAL_MODEL = (START_OF_TURN, END_OF_TURN)
 
 _SPACE_SYMBOL = "\u2581"  # sentencepiece's meta symbol for a space
@@ -88,8 +91,14 @@ def build_model_proto(tokens: Sequence[str], scores: Sequence[float], token_type
   for name, value in specials.items():
     if value is None and name != "unk_id":
       continue
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+    try:
+      index = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+      index = None
+    if index is None or not 0 <= index < n:
       raise GemmaError(f"build_model_proto: {name}={value!r} is not a piece id in [0, {n})")
+    specials[name] = index
+  unk_id, bos_id, eos_id, pad_id = specials.values()
 
   # GGUF token types are sentencepiece's piece types by number, so only the exceptions need work; the loops
   # below touch the few thousand non-normal pieces, not all 262144.
@@ -140,7 +149,8 @@ def build_model_proto(tokens: Sequence[str], scores: Sequence[float], token_type
     raise GemmaError(f"build_model_proto: byte fallback needs all 256 byte pieces; missing {len(missing)}, "
                      f"e.g. {missing[:4]}")
 
-  if len(set(pieces)) != n:
+  piece_set = set(pieces)
+  if len(piece_set) != n:
     seen: dict[str, int] = {}
     for i, piece in enumerate(pieces):
       j = seen.setdefault(piece, i)
@@ -162,7 +172,12 @@ def build_model_proto(tokens: Sequence[str], scores: Sequence[float], token_type
   trainer.unk_id, trainer.unk_piece = unk_id, pieces[unk_id]
   for name, i in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
     setattr(trainer, f"{name}_id", -1 if i is None else i)
-    if i is not None:
+    if i is None:  # a name no piece has: an empty name means sentencepiece's default ("<s>", "</s>", "<pad>")
+      absent = f"<no {name}>"
+      while absent in piece_set:
+        absent += "_"
+      setattr(trainer, f"{name}_piece", absent)
+    else:
       setattr(trainer, f"{name}_piece", pieces[i])
 
   norm = proto.normalizer_spec

@@ -40,7 +40,7 @@ def tokenizer_from_gguf(reader: gguf_lib.GGUFReader, path_for_errors: str) -> by
   if model != "llama":
     raise GemmaError(f"{path_for_errors}: {_PREFIX}model is {model!r}; gemma_jax rebuilds only sentencepiece "
                      f"vocabularies ('llama'), which is what Gemma 1, 2 and 3 GGUF files use")
-  missing = [_PREFIX + k for k in _REQUIRED if k not in fields]
+  missing = [_PREFIX + k for k in _REQUIRED if _PREFIX + k not in fields]
   if missing:
     raise GemmaError(f"{path_for_errors}: the tokenizer metadata is incomplete; missing {', '.join(missing)}")
 
