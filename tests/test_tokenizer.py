@@ -184,7 +184,8 @@ def test_save_from_file_round_trip(tiny, tmp_path):
 # GGUF metadata
 
 
-def write_gguf(path: pathlib.Path, vocab=None, model: str = "llama") -> gguf.GGUFReader:
+def write_gguf(path: pathlib.Path, vocab=None, model: str = "llama", space_prefix: bool | None = False
+               ) -> gguf.GGUFReader:
   w = gguf.GGUFWriter(str(path), "gemma3")
   w.add_block_count(1)
   if vocab is not None:
@@ -197,7 +198,8 @@ def write_gguf(path: pathlib.Path, vocab=None, model: str = "llama") -> gguf.GGU
     w.add_eos_token_id(1)
     w.add_unk_token_id(3)
     w.add_pad_token_id(0)
-    w.add_add_space_prefix(False)
+    if space_prefix is not None:
+      w.add_add_space_prefix(space_prefix)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -210,6 +212,15 @@ def test_tokenizer_from_tiny_gguf(tmp_path, tiny):
   proto = tokenizer_from_gguf(reader, "tiny.gguf")
   assert proto == tiny.serialized_model_proto()
   assert Tokenizer(proto).encode("  hello world") == tiny.encode("  hello world")
+
+
+def test_tokenizer_from_gguf_space_prefix(tmp_path, tiny):
+  # llama.cpp prefixes a space unless the file says otherwise; Gemma files say otherwise
+  hello = tiny.piece_to_id("hello")
+  for flag, expected in [(True, [2, tiny.piece_to_id(SPACE), hello]), (None, [2, tiny.piece_to_id(SPACE), hello]),
+                         (False, [2, hello])]:
+    reader = write_gguf(tmp_path / f"prefix_{flag}.gguf", tiny_vocab(), space_prefix=flag)
+    assert Tokenizer(tokenizer_from_gguf(reader, "x.gguf")).encode("hello") == expected, flag
 
 
 def test_tokenizer_from_gguf_without_tokenizer(tmp_path):
