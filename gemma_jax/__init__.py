@@ -1,0 +1,16 @@
+"""gemma_jax: Google's Gemma 1, 2 and 3 text models in JAX/Flax NNX.
+
+  import gemma_jax as gj
+  model = gj.load("out/ckpt")                       # a checkpoint made by `python -m gemma_jax.convert`
+  model.generate("The capital of France is", max_new_tokens=16)
+"""
+
+from .cache import init_cache
+from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
+from .convert import convert
+from .errors import GemmaError
+from .generate import Model, load
+from .tokenizer import Tokenizer
+
+__all__ = ["ALL_PRESETS", "PRESETS", "TINY_PRESETS", "GemmaError", "Model", "ModelConfig", "Tokenizer",
+           "convert", "get_preset", "init_cache", "load"]

@@ -46,7 +46,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
 @functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=4)
 def greedy_loop(graphdef: nnx.GraphDef, params: nnx.State, logits: jax.Array, next_pos: jax.Array,
                 cache: Cache, max_new_tokens: jax.Array, stop_ids: jax.Array, vocab_limit: jax.Array,
-                capacity: int) -> tuple[jax.Array, jax.Array]:
+                capacity: int) -> tuple[jax.Array, jax.Array, Cache]:
   """Greedy decoding in a lax.while_loop, each row stopping on its own.
 
   Args:
@@ -58,7 +58,9 @@ def greedy_loop(graphdef: nnx.GraphDef, params: nnx.State, logits: jax.Array, ne
       are never chosen.
     capacity: static size of the output buffer.
   Returns:
-    tokens (B, capacity) int32 (-1 after a row's end) and lengths (B,) int32.
+    tokens (B, capacity) int32 (-1 after a row's end), lengths (B,) int32, and the cache holding every
+    token fed so far (returned so a conversation can continue from it; it also lets XLA reuse the
+    donated buffers).
   """
   model = nnx.merge(graphdef, params)
   batch = logits.shape[0]
@@ -79,8 +81,8 @@ def greedy_loop(graphdef: nnx.GraphDef, params: nnx.State, logits: jax.Array, ne
 
   state = (jnp.int32(0), jnp.full((batch, capacity), -1, jnp.int32), jnp.zeros((batch,), bool),
            jnp.zeros((batch,), jnp.int32), logits, next_pos.astype(jnp.int32), cache)
-  _, out, _, lengths, *_ = jax.lax.while_loop(cond, body, state)
-  return out, lengths
+  _, out, _, lengths, _, _, cache = jax.lax.while_loop(cond, body, state)
+  return out, lengths, cache
 
 
 @functools.partial(jax.jit, static_argnums=0)

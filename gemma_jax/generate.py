@@ -16,7 +16,6 @@ from .cache import init_cache
 from .configs import ModelConfig
 from .errors import GemmaError
 from .tokenizer import Tokenizer
-from .transformer import Transformer
 
 MIN_BUCKET = 32
 
@@ -43,9 +42,17 @@ class Model:
 
   @classmethod
   def random(cls, config: ModelConfig, seed: int = 0, tokenizer: Tokenizer | None = None) -> "Model":
-    """A model with random weights (normal(0.02) matrices, zero norms), for tests and benchmarks."""
-    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))
-    return cls(config, graphdef, params, tokenizer)
+    """A model with random weights (normal(0.02) matrices, zero norms), for tests and benchmarks.
+
+    Drawn with numpy: compiling JAX's threefry for every parameter takes longer than the tests.
+    """
+    graphdef, state = checkpoint.abstract_model(config)
+    rng = np.random.default_rng(seed)
+    flat = checkpoint.flatten(nnx.to_pure_dict(state))
+    draw = lambda path, x: (np.zeros(x.shape) if path.endswith("/scale") else 0.02 * rng.standard_normal(x.shape))
+    values = {path: jnp.asarray(draw(path, x), x.dtype) for path, x in flat.items()}
+    nnx.replace_by_pure_dict(state, checkpoint.unflatten(values))
+    return cls(config, graphdef, state, tokenizer)
 
   @property
   def vocab_limit(self) -> int:
@@ -110,7 +117,7 @@ class Model:
     logits, cache = decode.prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
                                    cache)
     stops = self.stop_ids() if stop_ids is None else [int(s) for s in stop_ids]
-    out, lengths = decode.greedy_loop(
+    out, lengths, _ = decode.greedy_loop(
         self.graphdef, self.params, logits, jnp.asarray([len(r) for r in rows], jnp.int32), cache,
         jnp.int32(max_new_tokens), jnp.asarray(stops or [-2], jnp.int32), jnp.int32(self.vocab_limit),
         bucket(max_new_tokens))
