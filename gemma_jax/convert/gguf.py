@@ -58,20 +58,30 @@ def open_reader(path: str | os.PathLike) -> gguf_lib.GGUFReader:
   return reader
 
 
+def _where(reader: gguf_lib.GGUFReader) -> str:
+  """The file a reader reads, for error messages (GGUFReader keeps only its memory map)."""
+  return str(getattr(reader.data, "filename", None) or "GGUF file")
+
+
 def _field(reader: gguf_lib.GGUFReader, key: str, default: Any = None, required: bool = False) -> Any:
   field = reader.fields.get(key)
   if field is None:
     if required:
-      raise GemmaError(f"{reader.path}: GGUF metadata key {key!r} is missing")
+      raise GemmaError(f"{_where(reader)}: GGUF metadata key {key!r} is missing")
     return default
   return field.contents()
+
+
+def _f32(value: Any) -> float:
+  """A float32 metadata value as the shortest decimal that rounds to it (1e-6, not 9.99999997e-07)."""
+  return float(str(np.float32(value)))
 
 
 def read_config(reader: gguf_lib.GGUFReader) -> ModelConfig:
   """A ModelConfig from GGUF metadata, completed by the matching official preset when there is one."""
   arch = _field(reader, "general.architecture", required=True)
   if arch not in ARCHITECTURES:
-    raise GemmaError(f"{reader.path}: unsupported architecture {arch!r}; gemma_jax imports "
+    raise GemmaError(f"{_where(reader)}: unsupported architecture {arch!r}; gemma_jax imports "
                      f"{', '.join(ARCHITECTURES)}")
   family = ARCHITECTURES[arch]
   get = lambda key, default=None, required=False: _field(reader, f"{arch}.{key}", default, required)
@@ -84,36 +94,36 @@ def read_config(reader: gguf_lib.GGUFReader) -> ModelConfig:
               num_kv_heads=int(get("attention.head_count_kv", n)),
               head_dim=int(get("attention.key_length", d // n)))
   preset = matching_preset(family, **dims)
-  base = float(get("rope.freq_base", 10_000.0))
+  base = _f32(get("rope.freq_base", 10_000.0))
   fields: dict[str, Any] = dict(
       name=preset.name if preset else f"{arch}_gguf", family=family, vocab_size=vocab_size, **dims,
-      norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+      norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
       max_seq_len=int(get("context_length", 8192)),
       query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else None)
   if family == 2:
     fields.update(attention_pattern=(LOCAL, GLOBAL), sliding_window=int(get("attention.sliding_window", 4096)),
-                  attn_logits_softcap=float(get("attn_logit_softcapping", 50.0)),
-                  final_logits_softcap=float(get("final_logit_softcapping", 30.0)),
+                  attn_logits_softcap=_f32(get("attn_logit_softcapping", 50.0)),
+                  final_logits_softcap=_f32(get("final_logit_softcapping", 30.0)),
                   use_post_attn_norm=True, use_post_ffw_norm=True, rope_base_local=base, rope_base_global=base)
   elif family == 3:
     # llama.cpp hard-codes the 5:1 pattern and the local base of 10k for gemma3 (not in the metadata).
     fields.update(attention_pattern=(LOCAL,) * 5 + (GLOBAL,),
                   sliding_window=int(get("attention.sliding_window", 512)), use_qk_norm=True,
                   use_post_attn_norm=True, use_post_ffw_norm=True, rope_base_local=10_000.0,
-                  rope_base_global=base, rope_scale_global=float(get("rope.scaling.factor", 1.0)))
+                  rope_base_global=base, rope_scale_global=_f32(get("rope.scaling.factor", 1.0)))
   else:
     fields.update(rope_base_local=base, rope_base_global=base)
   try:
     return ModelConfig(**fields)
   except ValueError as e:
-    raise GemmaError(f"{reader.path}: {e}") from None
+    raise GemmaError(f"{_where(reader)}: {e}") from None
 
 
 def _tensor(reader: gguf_lib.GGUFReader, name: str):
   for t in reader.tensors:
     if t.name == name:
       return t
-  raise GemmaError(f"{reader.path}: tensor {name!r} is missing")
+  raise GemmaError(f"{_where(reader)}: tensor {name!r} is missing")
 
 
 def dequantize(tensor, where: str) -> np.ndarray:
@@ -170,4 +180,6 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
   names.discard("rope_freqs.weight")
   if names:
     raise GemmaError(f"{where}: unexpected tensors for a {cfg.name} model: {sorted(names)[:8]}")
-  return Imported(cfg, params, tokenizer_from_gguf(reader, where), source=f"gguf:{pathlib.Path(path).name}")
+  # A weights-only GGUF (no tokenizer.ggml.* keys) still imports; its checkpoint scores token ids.
+  proto = tokenizer_from_gguf(reader, where) if "tokenizer.ggml.model" in reader.fields else None
+  return Imported(cfg, params, proto, source=f"gguf:{pathlib.Path(path).name}")
