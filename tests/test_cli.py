@@ -1,0 +1,126 @@
+"""The CLIs on the real 270M: contracts of --json, the default model cache, and clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from gemma_jax import sample, score
+from gemma_jax.convert.__main__ import main as convert_main
+
+GOLDEN = json.loads((DATA / "golden_270m.json").read_text())
+FRANCE = GOLDEN["prompts"][0]
+
+
+def run(main, argv, capsys):
+  code = main(argv)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_sample_json_contract(ckpt_270m, capsys):
+  code, out, _ = run(sample.main, ["--ckpt", str(ckpt_270m), "--prompt", FRANCE["text"], "--max-new-tokens", "32",
+                                   "--greedy", "--json"], capsys)
+  assert code == 0
+  got = json.loads(out)
+  assert got["prompt_tokens"] == FRANCE["ids"]
+  assert got["tokens"] == FRANCE["greedy"]
+  assert got["text"].startswith(" the capital of")
+
+
+def test_sample_plain_prints_the_continuation(ckpt_270m, capsys):
+  code, out, _ = run(sample.main, ["--ckpt", str(ckpt_270m), "--prompt", FRANCE["text"], "--max-new-tokens", "4"],
+                     capsys)
+  assert code == 0 and out.startswith(" the capital of")
+
+
+def test_sample_bfloat16_runs(ckpt_270m, capsys):
+  code, out, _ = run(sample.main, ["--ckpt", str(ckpt_270m), "--prompt", FRANCE["text"], "--max-new-tokens", "8",
+                                   "--dtype", "bfloat16", "--json"], capsys)
+  assert code == 0 and len(json.loads(out)["tokens"]) == 8
+
+
+def test_score_json_matches_golden_logprobs(ckpt_270m, capsys, tmp_path):
+  prompt = GOLDEN["prompts"][1]
+  code, out, _ = run(score.main, ["--ckpt", str(ckpt_270m), "--text", prompt["text"], "--json"], capsys)
+  assert code == 0
+  got = json.loads(out)
+  assert got["tokens"] == prompt["ids"]
+  np.testing.assert_allclose(got["logprobs"], prompt["logprobs"], rtol=0, atol=1e-4)
+  # The same through --text-file and --tokens-file.
+  (tmp_path / "t.txt").write_text(prompt["text"])
+  (tmp_path / "t.json").write_text(json.dumps(prompt["ids"]))
+  for flag, path in (("--text-file", "t.txt"), ("--tokens-file", "t.json")):
+    code, out, _ = run(score.main, ["--ckpt", str(ckpt_270m), flag, str(tmp_path / path), "--json"], capsys)
+    assert code == 0 and json.loads(out)["logprobs"] == got["logprobs"]
+
+
+def test_score_plain_ends_with_perplexity(ckpt_270m, capsys):
+  code, out, _ = run(score.main, ["--ckpt", str(ckpt_270m), "--text", FRANCE["text"]], capsys)
+  lps = FRANCE["logprobs"]
+  assert code == 0
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("tokens: 5 ") and "perplexity: " in last
+  np.testing.assert_allclose(float(last.rsplit(" ", 1)[1]), np.exp(-np.mean(lps)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "/nonexistent/ckpt", "--text", "hi"], "checkpoint directory /nonexistent/ckpt does not exist"),
+    (["--text", ""], "empty text: nothing to score"),
+])
+def test_score_errors(argv, message, capsys):
+  code, _, err = run(score.main, argv, capsys)
+  assert code == 2 and err.strip() == f"error: {message}"
+
+
+def test_score_rejects_ids_outside_the_vocabulary(ckpt_270m, capsys, tmp_path):
+  (tmp_path / "ids.json").write_text(json.dumps([2, 818, 262144]))
+  code, _, err = run(score.main, ["--ckpt", str(ckpt_270m), "--tokens-file", str(tmp_path / "ids.json")], capsys)
+  assert code == 2
+  assert "token id 262144 at position 2 of the token sequence is outside the vocabulary [0, 262144)" in err
+  (tmp_path / "bad.json").write_text('{"ids": [1]}')
+  code, _, err = run(score.main, ["--ckpt", str(ckpt_270m), "--tokens-file", str(tmp_path / "bad.json")], capsys)
+  assert code == 2 and "must hold a JSON list of integer token ids" in err
+
+
+def test_sample_errors(ckpt_270m, capsys):
+  code, _, err = run(sample.main, ["--ckpt", str(ckpt_270m), "--prompt", ""], capsys)
+  assert code == 2 and err.strip() == "error: empty prompt: give some text with --prompt"
+  code, _, err = run(sample.main, ["--ckpt", str(ckpt_270m), "--prompt", "hi", "--max-new-tokens", "0"], capsys)
+  assert code == 2 and "max_new_tokens must be an integer >= 1, got 0" in err
+  code, _, err = run(sample.main, ["--ckpt", str(ckpt_270m), "--prompt", "hi", "--max-new-tokens", "40000"], capsys)
+  assert code == 2 and "exceeds the model's context of 32768 tokens" in err
+
+
+def test_convert_cli_errors(capsys, tmp_path):
+  code, _, err = run(convert_main, [str(tmp_path / "missing.gguf"), str(tmp_path / "out")], capsys)
+  assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.gguf'} does not exist"
+
+
+def test_default_model_cache_is_reused(ckpt_270m, capsys, monkeypatch, tmp_path):
+  monkeypatch.setenv("GEMMA_JAX_CACHE", str(tmp_path))
+  shutil.copytree(ckpt_270m, tmp_path / "gemma3-270m-q4_k_m")
+  code, out, _ = run(sample.main, ["--prompt", FRANCE["text"], "--max-new-tokens", "32", "--json"], capsys)
+  assert code == 0 and json.loads(out)["tokens"] == FRANCE["greedy"]
+
+
+@pytest.mark.slow
+def test_readme_command_on_a_fresh_cache(tmp_path):
+  """The README's first command, in a subprocess with an empty cache: converts the default model once,
+  then reuses it; user errors print one line, never a traceback."""
+  env = {**os.environ, "GEMMA_JAX_CACHE": str(tmp_path)}
+  cmd = [sys.executable, "-m", "gemma_jax.sample", "--prompt", FRANCE["text"], "--max-new-tokens", "32", "--json"]
+  first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  assert first.returncode == 0, first.stderr
+  assert json.loads(first.stdout)["tokens"] == FRANCE["greedy"]
+  assert (tmp_path / "gemma3-270m-q4_k_m" / "config.json").is_file()
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+  bad = subprocess.run(cmd[:3] + ["--prompt", "hi", "--max-new-tokens", "-3"], env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip() == "error: max_new_tokens must be an integer >= 1, got -3"
