@@ -105,6 +105,9 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
     raise GemmaError(f"output directory {directory} already exists and is not empty")
   check_params(config, {k: np.shape(v) for k, v in flatten(params).items()}, f"saving to {directory}")
   directory.mkdir(parents=True, exist_ok=True)
+  # Orbax copies numpy leaves before writing (measured: +1 GB for the 270M); jax arrays it writes in
+  # place, and on CPU device_put aliases aligned numpy buffers, so only one copy is ever held.
+  params = jax.tree.map(jax.device_put, params)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / PARAMS_DIR, params)
   checkpointer.wait_until_finished()

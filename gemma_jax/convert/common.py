@@ -5,10 +5,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from ..configs import PRESETS, ModelConfig
 from ..errors import GemmaError
+
+
+class DeviceParams(dict):
+  """A flat {path: array} dict that moves each array to a JAX array as it is stored.
+
+  The numpy original (and the temporaries that made it) can then be freed at once, and Orbax writes
+  JAX arrays without copying them (it copies numpy leaves), so an import holds one copy of the weights.
+  """
+
+  def __setitem__(self, key: str, value) -> None:
+    super().__setitem__(key, jax.device_put(np.ascontiguousarray(value)))
+
+  def update(self, other=(), **kwargs) -> None:
+    for key, value in dict(other, **kwargs).items():
+      self[key] = value
 
 
 @dataclasses.dataclass
@@ -16,7 +32,7 @@ class Imported:
   """An importer's output: everything checkpoint.save needs."""
 
   config: ModelConfig
-  params: dict[str, Any]  # flat {"layer_0/attn/q_einsum/w": np.ndarray}
+  params: dict[str, Any]  # flat {"layer_0/attn/q_einsum/w": array}, usually a DeviceParams
   tokenizer_proto: bytes | None
   source: str
 

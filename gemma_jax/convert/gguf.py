@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..configs import GLOBAL, LOCAL, ModelConfig
 from ..errors import GemmaError
-from .common import Imported, attention_params, expect_shape, matching_preset, mlp_params
+from .common import DeviceParams, Imported, attention_params, expect_shape, matching_preset, mlp_params
 from .gguf_tokenizer import tokenizer_from_gguf
 
 T = gguf_lib.GGMLQuantizationType
@@ -126,14 +126,26 @@ def _tensor(reader: gguf_lib.GGUFReader, name: str):
   raise GemmaError(f"{_where(reader)}: tensor {name!r} is missing")
 
 
+# Rows dequantized at a time: bounds the gguf package's float32 temporaries (several times the chunk)
+# instead of several times the 168M-entry Gemma 3 embedding.
+_CHUNK_VALUES = 1 << 22
+
+
 def dequantize(tensor, where: str) -> np.ndarray:
-  """One GGUF tensor as a float32 numpy array in numpy (row-major) shape."""
+  """One GGUF tensor as a float32 numpy array in numpy (row-major) shape, dequantized in row chunks."""
   if tensor.tensor_type not in SUPPORTED_TYPES:
     raise GemmaError(f"{where}: tensor {tensor.name} has type {tensor.tensor_type.name}, which gemma_jax "
                      f"does not import (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
   shape = tuple(int(x) for x in reversed(tensor.shape))
-  data = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
-  return np.asarray(data, dtype=np.float32).reshape(shape)
+  data = tensor.data  # (rows, bytes per row) for quantized types, (rows, cols) for float types
+  if data.ndim < 2 or tensor.tensor_type in (T.F32, T.F16, T.BF16):
+    return np.asarray(gguf_lib.quants.dequantize(data, tensor.tensor_type), np.float32).reshape(shape)
+  rows = data.shape[0]
+  out = np.empty((rows, shape[-1] if len(shape) > 1 else 1), np.float32)
+  step = max(1, _CHUNK_VALUES // max(1, out.shape[1]))
+  for start in range(0, rows, step):
+    out[start:start + step] = gguf_lib.quants.dequantize(data[start:start + step], tensor.tensor_type)
+  return out.reshape(shape)
 
 
 def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
@@ -153,8 +165,9 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
     bar.update()
     return expect_shape(name, dequantize(_tensor(reader, name), where), shape, where)
 
-  params = {"embedder/input_embedding": take("token_embd.weight", (v, d)),
-            "final_norm/scale": take("output_norm.weight", (d,)) - 1.0}
+  params = DeviceParams()
+  params["embedder/input_embedding"] = take("token_embd.weight", (v, d))
+  params["final_norm/scale"] = take("output_norm.weight", (d,)) - 1.0
   for i in range(cfg.num_layers):
     b = f"blk.{i}."
     attn = attention_params(cfg, take(b + "attn_q.weight", (cfg.num_heads * h, d)),

@@ -17,7 +17,7 @@ import numpy as np
 from .. import checkpoint
 from ..configs import ModelConfig, get_preset
 from ..errors import GemmaError
-from .common import Imported, matching_preset
+from .common import DeviceParams, Imported, matching_preset
 
 PREFIX = "transformer/"
 
@@ -62,7 +62,7 @@ def import_official(path: str | os.PathLike, preset: str | None = None, progress
     cfg = cfg.replace(vocab_size=shapes.get("embedder/input_embedding", (cfg.vocab_size,))[0])
   else:
     cfg = infer_config(shapes, where)
-  params = {}
+  params = DeviceParams()
   for p, value in checkpoint.flatten(restore()).items():
     if not p.startswith(PREFIX):
       continue

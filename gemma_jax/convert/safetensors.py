@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..configs import GLOBAL, LOCAL, ModelConfig
 from ..errors import GemmaError
-from .common import Imported, attention_params, expect_shape, matching_preset, mlp_params
+from .common import DeviceParams, Imported, attention_params, expect_shape, matching_preset, mlp_params
 
 MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
 TOKENIZER_FILE = "tokenizer.model"
@@ -146,7 +146,9 @@ def import_hf(folder: str | os.PathLike, progress: bool = False) -> Imported:
   d, f, h = cfg.embed_dim, cfg.hidden_dim, cfg.head_dim
   expect_shape("embed_tokens.weight", embedding, (cfg.vocab_size, d), where)
   take = lambda name, shape: expect_shape(prefix + name, read(name), shape, where)
-  params = {"embedder/input_embedding": embedding, "final_norm/scale": take("norm.weight", (d,))}
+  params = DeviceParams()
+  params["embedder/input_embedding"] = embedding
+  params["final_norm/scale"] = take("norm.weight", (d,))
   norms = {"input_layernorm": "pre_attention_norm"}
   if cfg.family == 1:
     norms["post_attention_layernorm"] = "pre_ffw_norm"
