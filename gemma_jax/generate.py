@@ -69,7 +69,7 @@ class Model:
     return self._require_tokenizer().encode(text, add_bos=add_bos)
 
   def decode_text(self, ids: Sequence[int]) -> str:
-    """Ids -> text; stops at nothing, drops control tokens."""
+    """Ids -> text; control tokens are dropped, -1 (no token) entries skipped."""
     return self._require_tokenizer().decode([i for i in ids if i >= 0])
 
   def check_ids(self, ids: Sequence[int], what: str = "prompt") -> list[int]:

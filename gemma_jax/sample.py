@@ -10,6 +10,7 @@ import json
 import sys
 
 from .cli import add_model_flags, load_model, main_wrapper
+from .errors import GemmaError
 
 
 def parse_args(argv):
@@ -27,11 +28,9 @@ def parse_args(argv):
 @main_wrapper
 def main(argv=None) -> int:
   args = parse_args(argv)
-  model = load_model(args)
-  from .errors import GemmaError  # noqa: PLC0415
-
   if not args.prompt:
     raise GemmaError("empty prompt: give some text with --prompt")
+  model = load_model(args)
   prompt_ids = model.encode(args.prompt)
   new_ids = model.generate_ids([prompt_ids], max_new_tokens=args.max_new_tokens)[0]
   stops = set(model.stop_ids())
