@@ -9,8 +9,8 @@ from .cache import init_cache
 from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
 from .convert import convert
 from .errors import GemmaError
-from .generate import Model, load
+from .generate import ChatSession, Model, load
 from .tokenizer import Tokenizer
 
-__all__ = ["ALL_PRESETS", "PRESETS", "TINY_PRESETS", "GemmaError", "Model", "ModelConfig", "Tokenizer",
+__all__ = ["ALL_PRESETS", "PRESETS", "TINY_PRESETS", "ChatSession", "GemmaError", "Model", "ModelConfig", "Tokenizer",
            "convert", "get_preset", "init_cache", "load"]

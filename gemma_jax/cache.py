@@ -70,16 +70,44 @@ def layer_slots(config: ModelConfig, cache_len: int) -> tuple[int, ...]:
                for t in config.attention_types)
 
 
-def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> Cache:
-  """An empty cache for `batch_size` rows holding positions [0, cache_len) on global layers."""
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None, rolling: bool = False
+               ) -> Cache:
+  """An empty cache for `batch_size` rows holding positions [0, cache_len) on global layers.
+
+  rolling: global layers become ring buffers too, keeping the most recent cache_len tokens; attention
+  to older tokens is lost (an explicit opt-in for conversations longer than the cache; see README).
+  """
   if cache_len < 1 or batch_size < 1:
     raise ValueError(f"cache needs batch_size >= 1 and cache_len >= 1, got {batch_size}, {cache_len}")
   dtype = jnp.dtype(dtype or config.dtype)
   kv_shape = lambda s: (batch_size, s, config.num_kv_heads, config.head_dim)
   return tuple(
       LayerCache(k=jnp.zeros(kv_shape(s), dtype), v=jnp.zeros(kv_shape(s), dtype),
-                 pos=jnp.full((batch_size, s), EMPTY, jnp.int32), ring=t == LOCAL)
+                 pos=jnp.full((batch_size, s), EMPTY, jnp.int32), ring=rolling or t == LOCAL)
       for s, t in zip(layer_slots(config, cache_len), config.attention_types))
+
+
+def resize_cache(config: ModelConfig, cache: Cache, cache_len: int, rolling: bool = False) -> Cache:
+  """The same cached tokens in a cache of a new cache_len (growing a conversation's cache).
+
+  Every filled slot moves to where its position belongs in the new layout (p on global layers, p % S
+  on rings), so the result is what feeding the same tokens into a fresh cache of that size gives, as
+  long as the new cache can hold them.
+  """
+  batch = cache[0].pos.shape[0]
+  fresh = init_cache(config, batch, cache_len, cache[0].k.dtype, rolling)
+  out = []
+  for old, new in zip(cache, fresh):
+    s = new.num_slots
+    # Keep each row's newest s positions (a ring that shrinks, or a rolling cache), no duplicate slots.
+    newest = jnp.max(old.pos, axis=1, keepdims=True)
+    keep = (old.pos >= 0) & (old.pos > newest - s)
+    slots = jnp.where(keep, old.pos % s if new.ring else old.pos, s)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], old.pos.shape)
+    out.append(new.replace(k=new.k.at[rows, slots].set(old.k, mode="drop"),
+                           v=new.v.at[rows, slots].set(old.v, mode="drop"),
+                           pos=new.pos.at[rows, slots].set(jnp.where(keep, old.pos, EMPTY), mode="drop")))
+  return tuple(out)
 
 
 def cache_bytes(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> int:

@@ -90,7 +90,7 @@ def check_params(config: ModelConfig, found: dict[str, tuple[int, ...]], where: 
 
 
 def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, Any], *,
-         tokenizer_proto: bytes | None = None, source: str = "") -> pathlib.Path:
+         tokenizer_proto: bytes | None = None, source: str = "", instruct: bool | None = None) -> pathlib.Path:
   """Writes a checkpoint into the new directory `directory`.
 
   Args:
@@ -99,6 +99,7 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
       params["layer_0"]["attn"]["q_einsum"]["w"] of shape (N, D, H).
     tokenizer_proto: serialized sentencepiece model, if the source had one.
     source: free text recorded in config.json (where the weights came from).
+    instruct: whether the weights are instruction-tuned (None: unknown); chat warns unless True.
   """
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and any(directory.iterdir()):
@@ -111,15 +112,16 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / PARAMS_DIR, params)
   checkpointer.wait_until_finished()
-  meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source}
+  meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source,
+          "instruct": instruct}
   (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
   if tokenizer_proto is not None:
     (directory / TOKENIZER_FILE).write_bytes(tokenizer_proto)
   return directory
 
 
-def read_config(directory: str | os.PathLike) -> ModelConfig:
-  """The ModelConfig stored in a checkpoint directory, with clear errors for non-checkpoints."""
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+  """The checkpoint's config.json, checked to be ours, with clear errors for non-checkpoints."""
   directory = pathlib.Path(directory)
   if not directory.exists():
     raise GemmaError(f"checkpoint directory {directory} does not exist")
@@ -136,10 +138,16 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
   if meta.get("version") != VERSION:
     raise GemmaError(f"{config_path} has format version {meta.get('version')}, this library reads "
                      f"version {VERSION}")
+  return meta
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig stored in a checkpoint directory."""
+  meta = read_meta(directory)
   try:
     return ModelConfig.from_dict(meta["config"])
   except (KeyError, TypeError, ValueError) as e:
-    raise GemmaError(f"{config_path}: invalid model config: {e}") from None
+    raise GemmaError(f"{pathlib.Path(directory) / CONFIG_FILE}: invalid model config: {e}") from None
 
 
 def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:

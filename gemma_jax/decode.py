@@ -1,8 +1,9 @@
 """The jitted core: full forward, prefill and the decode loop. The library's only jit site.
 
 Params and the cache are jit arguments (the cache donated), never closure constants; the graph
-definition is static. Values a user varies per call (max_new_tokens, stop ids) are traced, so changing
-them does not recompile; only shapes (batch, bucketed prompt length, cache length, output capacity) do.
+definition is static. Values a user varies per call (max_new_tokens, sampling settings, seeds, stop and
+forbidden ids) are traced, so changing them does not recompile; only shapes (batch, bucketed prompt
+length, cache length, output capacity) do.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax import struct
+
 from .cache import Cache
+from .sampling import Sampling, next_token
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -43,46 +47,60 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
   return model.logits(hidden_last)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=4)
-def greedy_loop(graphdef: nnx.GraphDef, params: nnx.State, logits: jax.Array, next_pos: jax.Array,
-                cache: Cache, max_new_tokens: jax.Array, stop_ids: jax.Array, vocab_limit: jax.Array,
-                capacity: int) -> tuple[jax.Array, jax.Array, Cache]:
-  """Greedy decoding in a lax.while_loop, each row stopping on its own.
+@struct.dataclass
+class DecodeState:
+  """Where generation stands between calls of decode_loop; all arrays, so it is a jit argument.
 
+  Attributes:
+    logits: (B, V) float32 logits of each row's next token.
+    pos: (B,) int32 position of each row's next token.
+    done: (B,) bool; a done row draws nothing and writes nothing to the cache.
+    step: () int32 tokens drawn so far; folded into the sampling keys.
+    cache: the KV cache holding every token fed so far.
+  """
+
+  logits: jax.Array
+  pos: jax.Array
+  done: jax.Array
+  step: jax.Array
+  cache: Cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=2)
+def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sampling: Sampling,
+                max_steps: jax.Array, stop_ids: jax.Array, allowed: jax.Array, capacity: int
+                ) -> tuple[jax.Array, DecodeState]:
+  """Draws up to max_steps tokens per row in a lax.while_loop; rows stop on their own.
+
+  Each drawn token is fed back (a stop token too, so a conversation can continue from the cache).
   Args:
-    logits: (B, V) float32 logits of the next token (from prefill).
-    next_pos: (B,) int32 position of the next token of each row.
-    max_new_tokens: traced int32 <= capacity.
-    stop_ids: (X,) int32 ids that end a row (the stop id is kept in the output).
-    vocab_limit: traced int32; logits of rows >= vocab_limit (embedding padding rows in Gemma 1/2)
-      are never chosen.
+    max_steps: traced int32 <= capacity.
+    stop_ids: (X,) int32 ids that end a row (kept in the output).
+    allowed: (V,) bool; tokens outside it (embedding padding rows, forbidden tokens) are never drawn.
     capacity: static size of the output buffer.
   Returns:
-    tokens (B, capacity) int32 (-1 after a row's end), lengths (B,) int32, and the cache holding every
-    token fed so far (returned so a conversation can continue from it; it also lets XLA reuse the
-    donated buffers).
+    tokens (B, capacity) int32, -1 where a row drew nothing, and the state to continue from.
   """
   model = nnx.merge(graphdef, params)
-  batch = logits.shape[0]
-  vocab_ok = jnp.arange(logits.shape[-1]) < vocab_limit
 
-  def cond(state):
-    step, _, done, *_ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def cond(carry):
+    i, _, st = carry
+    return (i < max_steps) & ~jnp.all(st.done)
 
-  def body(state):
-    step, out, done, lengths, logits, pos, cache = state
-    tok = jnp.argmax(jnp.where(vocab_ok, logits, -jnp.inf), axis=-1).astype(jnp.int32)
-    out = out.at[:, step].set(jnp.where(done, -1, tok))
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(tok, stop_ids)
-    hidden, cache = model(tok[:, None], pos[:, None], cache)
-    return step + 1, out, done, lengths, model.logits(hidden)[:, 0], pos + 1, cache
+  def body(carry):
+    i, out, st = carry
+    tok = next_token(jnp.where(allowed, st.logits, -jnp.inf), sampling, st.step)
+    tok = jnp.where(st.done, -1, tok)
+    out = out.at[:, i].set(tok)
+    # Done rows feed padding (position -1): nothing is written to their cache slots.
+    hidden, cache = model(jnp.maximum(tok, 0)[:, None], jnp.where(st.done, -1, st.pos)[:, None], st.cache)
+    st = DecodeState(logits=model.logits(hidden)[:, 0], pos=st.pos + (~st.done).astype(jnp.int32),
+                     done=st.done | jnp.isin(tok, stop_ids), step=st.step + 1, cache=cache)
+    return i + 1, out, st
 
-  state = (jnp.int32(0), jnp.full((batch, capacity), -1, jnp.int32), jnp.zeros((batch,), bool),
-           jnp.zeros((batch,), jnp.int32), logits, next_pos.astype(jnp.int32), cache)
-  _, out, _, lengths, _, _, cache = jax.lax.while_loop(cond, body, state)
-  return out, lengths, cache
+  out = jnp.full((state.pos.shape[0], capacity), -1, jnp.int32)
+  _, out, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out, state))
+  return out, state
 
 
 @functools.partial(jax.jit, static_argnums=0)

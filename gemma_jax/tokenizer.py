@@ -309,6 +309,29 @@ class Tokenizer:
     """Id of `<end_of_turn>`, or None if the vocabulary lacks it."""
     return self._end_of_turn_id
 
+  def chat_turn(self, text: str, *, first: bool, system: str | None = None,
+                close_previous: bool = False) -> list[int]:
+    """Ids of one user turn in the Gemma instruct format, ending with the model's turn opened.
+
+    First turn: `<bos><start_of_turn>user\n{system}\n\n{text}<end_of_turn>\n<start_of_turn>model\n`; the
+    system prompt is folded into the first user turn, as the official template does (Gemma has no
+    system role). Later turns start with the `\n` that follows the model's `<end_of_turn>`;
+    close_previous=True first adds that `<end_of_turn>` when the model's answer was cut short. Text is
+    stripped as the official chat template does. The special ids come from this tokenizer.
+    """
+    sot = self._require("start_of_turn_id", self.start_of_turn_id)
+    eot = self._require("end_of_turn_id", self.end_of_turn_id)
+    body = text.strip()
+    if system and system.strip():
+      if not first:
+        raise GemmaError("a system prompt goes in the first turn only")
+      body = f"{system.strip()}\n\n{body}"
+    ids = [self._require("bos_id", self.bos_id)] if first else []
+    if not first:
+      ids += ([eot] if close_previous else []) + self.encode("\n", add_bos=False)
+    ids += [sot] + self.encode(f"user\n{body}", add_bos=False) + [eot] + self.encode("\n", add_bos=False)
+    return ids + [sot] + self.encode("model\n", add_bos=False)
+
   def serialized_model_proto(self) -> bytes:
     """The bytes of the `tokenizer.model` this tokenizer was built from."""
     return self._proto

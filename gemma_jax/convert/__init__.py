@@ -41,4 +41,5 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | Non
     raise GemmaError(f"output {dst} already exists and is not an empty directory")
   imported = import_any(src, preset=preset, progress=progress)
   return checkpoint.save(dst, imported.config, checkpoint.unflatten(imported.params),
-                         tokenizer_proto=imported.tokenizer_proto, source=imported.source)
+                         tokenizer_proto=imported.tokenizer_proto, source=imported.source,
+                         instruct=imported.instruct)

@@ -35,6 +35,14 @@ class Imported:
   params: dict[str, Any]  # flat {"layer_0/attn/q_einsum/w": array}, usually a DeviceParams
   tokenizer_proto: bytes | None
   source: str
+  instruct: bool | None = None  # instruction-tuned? None when the source does not say
+
+
+def looks_instruct(*names: str | None) -> bool:
+  """True if a model name says instruction-tuned ("gemma-2-2b-it", "Gemma 3 270m It", "...instruct")."""
+  import re  # noqa: PLC0415
+
+  return any(re.search(r"(^|[-_ ./])(it|instruct)($|[-_ ./])", n.lower()) for n in names if n)
 
 
 def matching_preset(family: int, num_layers: int, embed_dim: int, hidden_dim: int, num_heads: int,

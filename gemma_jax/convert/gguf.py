@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..configs import GLOBAL, LOCAL, ModelConfig
 from ..errors import GemmaError
-from .common import DeviceParams, Imported, attention_params, expect_shape, matching_preset, mlp_params
+from .common import (DeviceParams, Imported, attention_params, expect_shape, looks_instruct, matching_preset,
+                     mlp_params)
 from .gguf_tokenizer import tokenizer_from_gguf
 
 T = gguf_lib.GGMLQuantizationType
@@ -195,4 +196,8 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
     raise GemmaError(f"{where}: unexpected tensors for a {cfg.name} model: {sorted(names)[:8]}")
   # A weights-only GGUF (no tokenizer.ggml.* keys) still imports; its checkpoint scores token ids.
   proto = tokenizer_from_gguf(reader, where) if "tokenizer.ggml.model" in reader.fields else None
-  return Imported(cfg, params, proto, source=f"gguf:{pathlib.Path(path).name}")
+  # GGUF names instruct models in general.name / general.finetune ("Gemma 3 270m It"); a file that
+  # names itself without either is a base model.
+  names = [_field(reader, k) for k in ("general.name", "general.finetune", "general.basename")]
+  instruct = looks_instruct(*names, pathlib.Path(path).stem)
+  return Imported(cfg, params, proto, source=f"gguf:{pathlib.Path(path).name}", instruct=instruct)

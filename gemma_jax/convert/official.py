@@ -17,7 +17,7 @@ import numpy as np
 from .. import checkpoint
 from ..configs import ModelConfig, get_preset
 from ..errors import GemmaError
-from .common import DeviceParams, Imported, matching_preset
+from .common import DeviceParams, Imported, looks_instruct, matching_preset
 
 PREFIX = "transformer/"
 
@@ -73,4 +73,6 @@ def import_official(path: str | os.PathLike, preset: str | None = None, progress
       value = np.ascontiguousarray(value.transpose(0, 2, 1))  # Gemma 2 2B layout
     params[p] = value
   checkpoint.check_params(cfg, {p: v.shape for p, v in params.items()}, where)
-  return Imported(cfg, params, None, source=f"official:{pathlib.Path(path).name}")
+  name = pathlib.Path(path).absolute()
+  instruct = True if looks_instruct(name.name, name.parent.name) else None  # Kaggle: gemma-2-2b-it/...
+  return Imported(cfg, params, None, source=f"official:{name.name}", instruct=instruct)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ..configs import GLOBAL, LOCAL, ModelConfig
 from ..errors import GemmaError
-from .common import DeviceParams, Imported, attention_params, expect_shape, matching_preset, mlp_params
+from .common import (DeviceParams, Imported, attention_params, expect_shape, looks_instruct, matching_preset,
+                     mlp_params)
 
 MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
 TOKENIZER_FILE = "tokenizer.model"
@@ -175,4 +176,6 @@ def import_hf(folder: str | os.PathLike, progress: bool = False) -> Imported:
   if leftover:
     raise GemmaError(f"{where}: unexpected tensors for a {cfg.name} model: {leftover[:8]}")
   tok = folder / TOKENIZER_FILE
-  return Imported(cfg, params, tok.read_bytes() if tok.is_file() else None, source=f"hf:{folder.name}")
+  instruct = True if looks_instruct(folder.name, hf.get("_name_or_path")) else None
+  return Imported(cfg, params, tok.read_bytes() if tok.is_file() else None, source=f"hf:{folder.name}",
+                  instruct=instruct)
