@@ -21,6 +21,46 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                            "bfloat16 on accelerators)")
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser, default_max_new: int) -> None:
+  parser.add_argument("--max-new-tokens", type=int, default=default_max_new,
+                      help=f"tokens to generate at most (default {default_max_new})")
+  parser.add_argument("--greedy", action="store_true", help="always pick the most likely token (the default)")
+  parser.add_argument("--temperature", type=float, help="sample at this temperature (0 = greedy)")
+  parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with this mass")
+  parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+  parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same tokens)")
+  parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                      help="stop when this text appears (repeatable); the output ends before it")
+  parser.add_argument("--stop-token", action="append", default=[], metavar="PIECE_OR_ID",
+                      help="also stop at this token, e.g. '<end_of_turn>' or 106 (EOS and <end_of_turn> "
+                           "always stop)")
+  parser.add_argument("--forbid", action="append", default=[], metavar="PIECE_OR_ID",
+                      help="never generate this token (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace, model) -> dict:
+  """generate() keyword arguments from the sampling flags; token names resolved with the tokenizer."""
+  if args.greedy and args.temperature not in (None, 0):
+    raise GemmaError("--greedy and --temperature > 0 contradict each other; pick one")
+
+  def token(spec: str, flag: str) -> int:
+    if spec.lstrip("-").isdigit():
+      return int(spec)
+    tok = model.tokenizer
+    if tok is None:
+      raise GemmaError(f"{flag} {spec!r}: this checkpoint has no tokenizer; give a token id")
+    try:
+      return tok.piece_to_id(spec)
+    except Exception:  # the tokenizer raises GemmaError/KeyError for unknown pieces
+      raise GemmaError(f"unknown token {spec!r} for {flag}: not a piece of this tokenizer") from None
+
+  return dict(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              seed=args.seed, stop=args.stop,
+              stop_ids=model.stop_ids() + [token(s, "--stop-token") for s in args.stop_token],
+              forbidden_ids=[token(s, "--forbid") for s in args.forbid])
+
+
 def load_model(args: argparse.Namespace):
   """The Model named by --ckpt (or the default model) in the dtype of --dtype."""
   import jax  # noqa: PLC0415 (keep --help fast)

@@ -74,6 +74,10 @@ class _TextRow:
     cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
     if cut >= 0:
       self.stopped = True
+      # Keep the ids up to the token that completes the stop string, not the rest of the chunk.
+      while len(self.ids) > 1 and any(s in self.tokenizer.decode(
+          [i for i in self.ids[:-1] if i not in self.stop_ids]) for s in self.stop):
+        self.ids.pop()
       delta = text[self.sent:cut]
       self.sent = cut
       return delta
@@ -99,6 +103,15 @@ class _TextRow:
     delta = text[self.sent:]
     self.sent = len(text)
     return delta
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One prompt's result: its ids (BOS first), the new ids (a stop token included) and the new text."""
+
+  prompt_ids: list[int]
+  ids: list[int]
+  text: str
 
 
 @dataclasses.dataclass
@@ -298,8 +311,10 @@ class Model:
     state_kw = {k: kwargs.pop(k) for k in ("cache_len", "cache_policy") if k in kwargs}
     sampling = make_sampling(len(texts), **sampling_kw)
     stop = _check_stop_strings(stop)
+    result = kwargs.pop("_result", None)
     state = self.start([tok.encode(t) for t in texts], max_new_tokens, **state_kw)
-    yield from self._stream_from(state, max_new_tokens, sampling, stop=stop, chunk=chunk, **kwargs)
+    yield from self._stream_from(state, max_new_tokens, sampling, stop=stop, chunk=chunk, result=result,
+                                 **kwargs)
 
   def _stream_from(self, state, max_new_tokens, sampling, *, stop=(), chunk=8, stop_ids=None,
                    forbidden_ids=None, result: list | None = None) -> Iterator[list[str]]:
@@ -325,19 +340,29 @@ class Model:
     if result is not None:
       result += [state, [row.ids for row in rows]]
 
+  def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
+               **kwargs) -> list[Completion]:
+    """Prompt ids, new ids and new text for each prompt (see generate)."""
+    texts = list(prompts)
+    pieces = [""] * len(texts)
+    result: list = []
+    chunk = 16 if stop else bucket(max_new_tokens)
+    for deltas in self.stream(texts, max_new_tokens, stop=stop, chunk=chunk, _result=result, **kwargs):
+      pieces = [p + d for p, d in zip(pieces, deltas)]
+    tok = self._require_tokenizer()
+    return [Completion(tok.encode(t), ids, text) for t, ids, text in zip(texts, result[1], pieces)]
+
   def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
                **kwargs) -> str | list[str]:
     """Text continuation of one prompt (returns a str) or a list of prompts (returns a list).
 
     stop: strings that end a row; the text ends before the first one. Other keyword arguments are
-    generate_ids()'s. Stop tokens are not part of the text.
+    generate_ids()'s (temperature, top_k, top_p, min_p, seed, stop_ids, forbidden_ids, cache_len,
+    cache_policy). Stop tokens are not part of the text.
     """
-    chunk = 16 if stop else bucket(max_new_tokens)
-    n = 1 if isinstance(prompts, str) else len(prompts)
-    pieces = [""] * n
-    for deltas in self.stream(prompts, max_new_tokens, stop=stop, chunk=chunk, **kwargs):
-      pieces = [p + d for p, d in zip(pieces, deltas)]
-    return pieces[0] if isinstance(prompts, str) else pieces
+    single = isinstance(prompts, str)
+    done = self.complete([prompts] if single else prompts, max_new_tokens, stop=stop, **kwargs)
+    return done[0].text if single else [c.text for c in done]
 
   def logprobs(self, ids: Sequence[int]) -> np.ndarray:
     """Teacher-forced log-probability of each token after the first: (len(ids) - 1,) float32."""
@@ -400,7 +425,8 @@ class ChatSession:
     return "".join(self.stream(text, **kwargs))
 
   def stream(self, text: str, *, max_new_tokens: int | None = None, stop: Sequence[str] = (),
-             chunk: int = 8, **sampling) -> Iterator[str]:
+             chunk: int = 8, stop_ids: Sequence[int] | None = None, forbidden_ids: Sequence[int] | None = None,
+             **sampling) -> Iterator[str]:
     """Yields the answer's text as it is generated. Sampling settings override the session's."""
     if not text or not text.strip():
       raise GemmaError("empty message: say something")
@@ -434,7 +460,8 @@ class ChatSession:
     self._state, self._cache_len, self._rolling = None, cache_len, rolling
     result: list = []
     yield from (d[0] for d in model._stream_from(state, max_new, sampling, stop=_check_stop_strings(stop),
-                                                 chunk=chunk, result=result))
+                                                 chunk=chunk, stop_ids=stop_ids, forbidden_ids=forbidden_ids,
+                                                 result=result))
     # Only a completed answer joins the conversation; if the caller stops iterating early, the turn is
     # dropped and the next one replays the history into a fresh cache.
     self._state = result[0]

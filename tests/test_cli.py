@@ -124,3 +124,58 @@ def test_readme_command_on_a_fresh_cache(tmp_path):
                        text=True, timeout=900)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip() == "error: max_new_tokens must be an integer >= 1, got -3"
+
+
+# ---- sampler flags, batches, streaming, chat ---------------------------------------------------------
+
+from gemma_jax import chat as chat_cli  # noqa: E402
+
+
+def test_sampling_flags_are_reproducible_and_batched(ckpt_270m, capsys, tmp_path):
+  (tmp_path / "prompts.txt").write_text("The capital of France is\n\ndef add(a, b):\n")
+  argv = ["--ckpt", str(ckpt_270m), "--batch-file", str(tmp_path / "prompts.txt"), "--max-new-tokens", "12",
+          "--temperature", "0.8", "--top-p", "0.9", "--min-p", "0.02", "--seed", "3", "--json"]
+  code, out, _ = run(sample.main, argv, capsys)
+  assert code == 0
+  first = json.loads(out)
+  assert [o["prompt_tokens"][:3] for o in first] == [[2, 818, 5279], [2, 2063, 1138]]
+  assert all(1 <= len(o["tokens"]) <= 12 for o in first)
+  assert json.loads(run(sample.main, argv, capsys)[1]) == first
+  # Streaming JSON lines join to the same texts.
+  code, out, _ = run(sample.main, argv + ["--stream"], capsys)
+  joined = ["", ""]
+  for line in out.splitlines():
+    piece = json.loads(line)
+    joined[piece["row"]] += piece["text"]
+  assert joined == [o["text"] for o in first]
+
+
+def test_stop_flags(ckpt_270m, capsys):
+  base = ["--ckpt", str(ckpt_270m), "--prompt", FRANCE["text"], "--max-new-tokens", "32", "--json"]
+  code, out, _ = run(sample.main, base + ["--stop", "."], capsys)
+  got = json.loads(out)
+  assert code == 0 and got["text"] == " the capital of the country of France"
+  assert got["tokens"] == FRANCE["greedy"][:FRANCE["greedy"].index(236761) + 1]  # up to and with the "."
+  code, out, _ = run(sample.main, base + ["--stop-token", "563"], capsys)
+  assert json.loads(out)["tokens"][-1] == 563 or 563 not in FRANCE["greedy"]
+  code, _, err = run(sample.main, base + ["--stop-token", "<no_such_piece>"], capsys)
+  assert code == 2 and "unknown token '<no_such_piece>' for --stop-token" in err
+  code, _, err = run(sample.main, base + ["--top-p", "1.5"], capsys)
+  assert code == 2 and "top_p must be in (0, 1]" in err
+  code, _, err = run(sample.main, base + ["--temperature", "-1"], capsys)
+  assert code == 2 and "temperature must be >= 0" in err
+
+
+def test_chat_repl_streams_answers_and_warns_for_a_base_model(ckpt_270m, capsys, monkeypatch):
+  import io
+
+  monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/reset\nHi\n/quit\nignored\n"))
+  with pytest.warns(UserWarning, match="not known to be instruction-tuned"):
+    code, out, _ = run(chat_cli.main, ["--ckpt", str(ckpt_270m), "--max-new-tokens", "8"], capsys)
+  assert code == 0
+  import gemma_jax as gj
+
+  with pytest.warns(UserWarning):
+    want = [gj.ChatSession(gj.load(ckpt_270m), max_new_tokens=8).send(m)
+            for m in ("What is the capital of France?", "Hi")]  # /reset: the second is a new session
+  assert out == want[0] + "\n" + want[1] + "\n"
