@@ -43,6 +43,16 @@ def _check_stop_strings(stop: Sequence[str] | str) -> tuple[str, ...]:
   return stop
 
 
+def _pad(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> tuple[jax.Array, jax.Array]:
+  """Right-pads id rows to `length`: tokens and positions (B, length), positions -1 on padding."""
+  tokens = np.zeros((len(rows), length), np.int32)
+  positions = np.full((len(rows), length), -1, np.int32)
+  for r, (row, start) in enumerate(zip(rows, starts)):
+    tokens[r, :len(row)] = row
+    positions[r, :len(row)] = start + np.arange(len(row))
+  return jnp.asarray(tokens), jnp.asarray(positions)
+
+
 def _drive(gen):
   """Iterates a Model.run generator, sending each state straight back."""
   try:
@@ -220,14 +230,9 @@ class Model:
                        f"({max_new_tokens}) needs {total}; raise cache_len or pass cache_policy='rolling' "
                        "(global layers then forget the oldest tokens)")
     t_pad = bucket(longest) if rolling else min(bucket(longest), cache_len)
-    tokens = np.zeros((len(rows), t_pad), np.int32)
-    positions = np.full((len(rows), t_pad), -1, np.int32)
-    for r, ids in enumerate(rows):
-      tokens[r, :len(ids)] = ids
-      positions[r, :len(ids)] = np.arange(len(ids))
+    tokens, positions = _pad(rows, [0] * len(rows), t_pad)
     cache = init_cache(self.config, len(rows), cache_len, rolling=rolling)
-    logits, cache = decode.prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
-                                   cache)
+    logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, cache)
     return decode.DecodeState(logits=logits, pos=jnp.asarray([len(r) for r in rows], jnp.int32),
                               done=jnp.zeros((len(rows),), bool), step=jnp.int32(0), cache=cache)
 
@@ -282,15 +287,8 @@ class Model:
     rows = [self.check_ids(r, "continuation") for r in ids]
     if len(rows) != state.pos.shape[0]:
       raise GemmaError(f"feed needs one id list per row ({state.pos.shape[0]}), got {len(rows)}")
-    t_pad = bucket(max(map(len, rows)))
-    start = np.asarray(state.pos)
-    tokens = np.zeros((len(rows), t_pad), np.int32)
-    positions = np.full((len(rows), t_pad), -1, np.int32)
-    for r, row in enumerate(rows):
-      tokens[r, :len(row)] = row
-      positions[r, :len(row)] = start[r] + np.arange(len(row))
-    logits, cache = decode.prefill(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
-                                   state.cache)
+    tokens, positions = _pad(rows, np.asarray(state.pos), bucket(max(map(len, rows))))
+    logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, state.cache)
     return state.replace(logits=logits, pos=state.pos + jnp.asarray([len(r) for r in rows], jnp.int32),
                          done=jnp.zeros_like(state.done), cache=cache)
 
@@ -372,12 +370,8 @@ class Model:
     if len(ids) > self.config.max_seq_len:
       raise GemmaError(f"sequence of {len(ids)} tokens exceeds the model's context of "
                        f"{self.config.max_seq_len} tokens")
-    t_pad = min(bucket(len(ids)), self.config.max_seq_len)
-    tokens = np.zeros((1, t_pad), np.int32)
-    positions = np.full((1, t_pad), -1, np.int32)
-    tokens[0, :len(ids)] = ids
-    positions[0, :len(ids)] = np.arange(len(ids))
-    out = decode.token_logprobs(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions))
+    tokens, positions = _pad([ids], [0], min(bucket(len(ids)), self.config.max_seq_len))
+    out = decode.token_logprobs(self.graphdef, self.params, tokens, positions)
     return np.asarray(out[0, :len(ids) - 1])
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
