@@ -1,14 +1,15 @@
 """The measurement protocol shared by every engine runner (stdlib only: each runner has its own venv).
 
-A runner defines an Engine with four methods and calls `main(Engine)`:
+A runner defines an Engine with five methods and calls `main(Engine)`:
 
+  setup()                     import the libraries (so that RSS before load counts the runtime)
   load(spec)                  load the model in the requested dtype (timed, not part of any metric)
   generate(prompts, n)        greedy, exactly n new ids per prompt (no stop tokens); blocks; list of lists
   prefill(ids)                one prompt through the model and a fresh KV cache; blocks on the result
   info()                      dict of engine facts (versions, settings, params/cache bytes...)
 
 The protocol (identical order for every engine, so that "cold" means the same thing everywhere):
-  1. RSS before and after load; then the peak-RSS counter is reset (/proc/self/clear_refs), so the
+  1. RSS after the imports and after load; then the peak-RSS counter is reset (/proc/self/clear_refs), so the
      "generation peak" covers only what happens after the weights are in memory.
   2. TTFT cold: the first generate([short], 1) of the process (compilation included for JAX engines).
   3. TTFT warm: median of `repeats` more identical calls.
@@ -81,8 +82,9 @@ def main(engine_cls) -> None:
     spec = json.load(f)
   reps = spec["repeats"]
   res: dict = {"loadavg_start": os.getloadavg()}
-  res["rss_before_load"] = rss_bytes()
   engine = engine_cls()
+  res["import_s"], _ = timed(engine.setup)
+  res["rss_before_load"] = rss_bytes()
   res["load_s"], _ = timed(engine.load, spec)
   res["rss_after_load"] = rss_bytes()
   res["peak_reset_ok"] = reset_peak()

@@ -21,12 +21,16 @@ import common  # noqa: E402
 
 class Engine:
 
-  def load(self, spec):
+  def setup(self):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
-    self.torch = torch
+    self.torch, self.AutoModelForCausalLM = torch, AutoModelForCausalLM
+    transformers.Gemma3ForCausalLM  # noqa: B018 (transformers imports lazily)
+
+  def load(self, spec):
+    torch, AutoModelForCausalLM = self.torch, self.AutoModelForCausalLM
     self.spec = spec
     torch.set_grad_enabled(False)
     path = pathlib.Path(spec["gguf"])

@@ -44,7 +44,7 @@ def _cache_length(prompt_len: int, new_tokens: int) -> int:
 
 class Engine:
 
-  def load(self, spec):
+  def setup(self):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -53,6 +53,13 @@ class Engine:
     from gemma.gm.data import _functional
     from gemma.gm.text import _prefill, _sampler_loop
     self.jax, self.jnp, self.np, self.gm, self._prefill = jax, jnp, np, gm, _prefill
+    self.ocp, self._functional, self._sampler_loop = ocp, _functional, _sampler_loop
+    gm.nn.Gemma3_270M, gm.text.Sampler, gm.text.Gemma3Tokenizer  # noqa: B018 (gm imports lazily)
+    jax.devices()  # start the runtime
+
+  def load(self, spec):
+    jax, jnp, gm, ocp = self.jax, self.jnp, self.gm, self.ocp
+    _functional, _sampler_loop = self._functional, self._sampler_loop
     self.spec = spec
     dtype = jnp.dtype(spec["dtype"])
 

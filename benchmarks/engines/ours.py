@@ -23,7 +23,7 @@ def pow2_bucket(n: int, minimum: int = 32) -> int:
 
 class Engine:
 
-  def load(self, spec):
+  def setup(self):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -31,6 +31,10 @@ class Engine:
     from gemma_jax import cache as gcache
     from gemma_jax import decode
     self.jax, self.jnp, self.np, self.gj, self.gcache, self.decode = jax, jnp, np, gj, gcache, decode
+    jax.devices()  # start the runtime
+
+  def load(self, spec):
+    jax, gj = self.jax, self.gj
     self.spec = spec
     self.model = gj.load(spec["ckpt"], dtype=spec["dtype"])
     jax.block_until_ready(self.model.params)
