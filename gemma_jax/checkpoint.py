@@ -177,13 +177,38 @@ def load_params(directory: str | os.PathLike, config: ModelConfig,
   graphdef, state = abstract_model(config)
   dtype = jnp.dtype(config.dtype)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  flat = flatten(nnx.to_pure_dict(state))
-  target = unflatten({
-      path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding(path, x.shape) if sharding else default)
-      for path, x in flat.items()})
-  restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
-  nnx.replace_by_pure_dict(state, restored)
+  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding(path, x.shape) if sharding else default)
+          for path, x in flatten(nnx.to_pure_dict(state)).items()}
+  restored: dict[str, Any] = {}
+  checkpointer = ocp.PyTreeCheckpointer()
+  for group in _restore_groups(flat):
+    target = unflatten({path: flat[path] for path in group})
+    args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+                        target)
+    part = checkpointer.restore(directory / PARAMS_DIR, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True))
+    restored.update(flatten(part))
+  nnx.replace_by_pure_dict(state, unflatten(restored))
   return graphdef, state
+
+
+def _restore_groups(flat: dict[str, jax.ShapeDtypeStruct], parts: int = 8) -> list[list[str]]:
+  """Params split into groups of about 1/parts of the bytes (a larger array alone), largest first.
+
+  Orbax holds a read buffer beside each array it restores; restoring everything at once peaked at 1.7x
+  the params for Gemma 3 270M, group by group at 1.24x (the embedding's own buffer being the rest).
+  """
+  size = lambda p: flat[p].size * flat[p].dtype.itemsize
+  limit = sum(map(size, flat)) / parts
+  groups: list[list[str]] = []
+  current, total = [], 0
+  for path in sorted(flat, key=size, reverse=True):
+    if current and total + size(path) > limit:
+      groups.append(current)
+      current, total = [], 0
+    current.append(path)
+    total += size(path)
+  return groups + [current] if current else groups
 
 
 def load(directory: str | os.PathLike, dtype: str | None = None, sharding=None
