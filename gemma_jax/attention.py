@@ -71,13 +71,14 @@ class Attention(nnx.Module):
     w = self.kv_einsum.w[...]
     return q, jnp.einsum("BTD,KDH->BTKH", x, w[0]), jnp.einsum("BTD,KDH->BTKH", x, w[1])
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None, fresh: bool = False
                ) -> tuple[jax.Array, LayerCache | None]:
     """x (B, T, D) at positions (B, T) (-1 = padding) -> (B, T, D) and the cache with this chunk added.
 
     Queries attend to the cache as it was before this call plus the chunk itself, then the chunk is
     written. Attending to both parts (one softmax over their concatenated logits) keeps a ring buffer
-    exact even when the chunk is longer than the window, and never copies the cache.
+    exact even when the chunk is longer than the window, and never copies the cache. fresh=True
+    (static) promises the cache is empty, so its slots are not read at all (a first prefill).
     """
     q, k, v = self.project(x)
     if self._query_norm is not None:
@@ -89,7 +90,7 @@ class Attention(nnx.Module):
     qg = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
 
     parts = [(k, v, positions)]
-    if cache is not None:
+    if cache is not None and not fresh:
       parts.insert(0, (cache.k, cache.v, cache.pos))
     logits = []
     for keys, _, k_pos in parts:

@@ -29,19 +29,21 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
   return model.logits(hidden)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            cache: Cache) -> tuple[jax.Array, Cache]:
+            cache: Cache, fresh: bool = False) -> tuple[jax.Array, Cache]:
   """Runs a (padded) prompt chunk through the model and the cache.
 
   Args:
     tokens, positions: (B, T); positions -1 mark padding.
+    fresh: static; the cache is empty, so attention skips its slots (a first prefill: for a 512-token
+      prompt in a 1024-slot cache that is 2/3 of the attention work).
   Returns:
     logits (B, V) float32 at each row's last (highest-position) token -- the only position whose
     logits are computed -- and the cache with the chunk written.
   """
   model = nnx.merge(graphdef, params)
-  hidden, cache = model(tokens, positions, cache)
+  hidden, cache = model(tokens, positions, cache, fresh)
   last = jnp.argmax(positions, axis=1)
   hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
   return model.logits(hidden_last)[:, 0], cache

@@ -232,7 +232,7 @@ class Model:
     t_pad = bucket(longest) if rolling else min(bucket(longest), cache_len)
     tokens, positions = _pad(rows, [0] * len(rows), t_pad)
     cache = init_cache(self.config, len(rows), cache_len, rolling=rolling)
-    logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, cache)
+    logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, cache, True)
     return decode.DecodeState(logits=logits, pos=jnp.asarray([len(r) for r in rows], jnp.int32),
                               done=jnp.zeros((len(rows),), bool), step=jnp.int32(0), cache=cache)
 
@@ -287,6 +287,11 @@ class Model:
     rows = [self.check_ids(r, "continuation") for r in ids]
     if len(rows) != state.pos.shape[0]:
       raise GemmaError(f"feed needs one id list per row ({state.pos.shape[0]}), got {len(rows)}")
+    fixed = [c.num_slots for c in state.cache if not c.ring]
+    end = int(np.max(np.asarray(state.pos) + np.array([len(r) for r in rows])))
+    if fixed and end > min(fixed):
+      raise GemmaError(f"the cache holds {min(fixed)} positions but feeding these ids reaches {end}; resize it "
+                       "(cache.resize_cache) or use a rolling cache")
     tokens, positions = _pad(rows, np.asarray(state.pos), bucket(max(map(len, rows))))
     logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, state.cache)
     return state.replace(logits=logits, pos=state.pos + jnp.asarray([len(r) for r in rows], jnp.int32),

@@ -40,8 +40,8 @@ class Block(nnx.Module):
     self.mlp = FeedForward(config, rngs=rngs)
     self.post_ffw_norm = norm() if config.use_post_ffw_norm else None
 
-  def __call__(self, x, positions, cache):
-    a, cache = self.attn(self.pre_attention_norm(x), positions, cache)
+  def __call__(self, x, positions, cache, fresh=False):
+    a, cache = self.attn(self.pre_attention_norm(x), positions, cache, fresh)
     if self.post_attention_norm is not None:
       a = self.post_attention_norm(a)
     x = x + a
@@ -62,16 +62,17 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(config.embed_dim, "D", eps=config.norm_eps, dtype=jnp.dtype(config.dtype),
                               rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, fresh: bool = False
                ) -> tuple[jax.Array, Cache | None]:
     """tokens, positions (B, T) -> final-normed hidden states (B, T, D) and the updated cache.
 
-    positions are absolute (-1 marks padding); with a cache, the chunk attends to what the cache holds.
+    positions are absolute (-1 marks padding); with a cache, the chunk attends to what the cache holds,
+    unless fresh=True (static) says the cache is empty and is only to be written.
     """
     x = self.embedder.encode(tokens)
     new_cache = []
     for i in range(self.config.num_layers):
-      x, layer_cache = getattr(self, f"layer_{i}")(x, positions, None if cache is None else cache[i])
+      x, layer_cache = getattr(self, f"layer_{i}")(x, positions, None if cache is None else cache[i], fresh)
       new_cache.append(layer_cache)
     return self.final_norm(x), (None if cache is None else tuple(new_cache))
 

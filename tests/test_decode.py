@@ -87,3 +87,14 @@ def test_bad_generation_input_is_named(kwargs, message):
   model = gj.Model.random(TINY_PRESETS["tiny_gemma1_mqa"])
   with pytest.raises(GemmaError, match=message):
     model.generate_ids(**kwargs)
+
+
+def test_fresh_prefill_skips_the_empty_cache_with_the_same_result(model):
+  ids = jnp.asarray(np.random.default_rng(2).integers(0, 251, size=(2, 13)), jnp.int32)
+  pos = jnp.asarray([list(range(13)), list(range(9)) + [-1] * 4], jnp.int32)
+  a, ca = decode.prefill(model.graphdef, model.params, ids, pos, init_cache(model.config, 2, 32), False)
+  b, cb = decode.prefill(model.graphdef, model.params, ids, pos, init_cache(model.config, 2, 32), True)
+  # Whole-model f32 comparison: the reductions differ in shape (the empty slots add exact zeros).
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)

@@ -142,3 +142,9 @@ def test_stop_strings_end_the_text_before_them(model_270m):
       " the capital of the country of France"
   with pytest.raises(GemmaError, match="stop strings must be non-empty strings"):
     model_270m.generate("x", stop=[""])
+
+
+def test_feeding_past_a_fixed_cache_is_an_error(tiny):
+  state = tiny.start([PROMPTS[0]], 4, cache_len=16)
+  with pytest.raises(GemmaError, match=r"the cache holds 16 positions but feeding these ids reaches 17"):
+    tiny.feed(state, [[5] * 13])
