@@ -128,7 +128,16 @@ def make_spec(args, tok) -> dict:
       "new_tokens": args.new_tokens,
       "check_tokens": args.check_tokens,
       "repeats": args.repeats,
+      "decode_repeats": args.decode_repeats,
   }
+
+
+def cpu_busy_s() -> float:
+  """Seconds of CPU time spent by everything on the machine (all cores) since boot, from /proc/stat."""
+  with open("/proc/stat") as f:
+    fields = [int(x) for x in f.readline().split()[1:]]
+  idle = fields[3] + fields[4]  # idle + iowait
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def run_engine(name: str, python: str, spec: dict, timeout: float) -> dict:
@@ -139,6 +148,7 @@ def run_engine(name: str, python: str, spec: dict, timeout: float) -> dict:
       json.dump(spec, f)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     t0 = time.time()
+    busy0, mine0 = cpu_busy_s(), _own_cpu_s()
     print(f"[{name} {spec['dtype']}] starting (load {load_avg()[0]:.2f})", file=sys.stderr, flush=True)
     try:
       proc = subprocess.run([python, str(HERE / "engines" / script), spec_path, out_path], env=env,
@@ -147,6 +157,7 @@ def run_engine(name: str, python: str, spec: dict, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
       return {"error": f"timed out after {timeout:.0f}s"}
     wall = time.time() - t0
+    others = max(0.0, (cpu_busy_s() - busy0) - (_own_cpu_s() - mine0))
     keep = [l for l in proc.stderr.splitlines() if l.startswith("  ")]
     for line in keep:
       print(f"[{name} {spec['dtype']}]{line}", file=sys.stderr, flush=True)
@@ -157,7 +168,18 @@ def run_engine(name: str, python: str, spec: dict, timeout: float) -> dict:
     with open(out_path) as f:
       res = json.load(f)
     res["wall_s"] = wall
+    # CPU used by other processes while this engine ran, in cores (2 = both cores busy all the time)
+    res["others_cores"] = others / wall
+    print(f"[{name} {spec['dtype']}] {wall:.0f}s; other processes used {res['others_cores']:.2f} cores on "
+          "average meanwhile", file=sys.stderr, flush=True)
     return res
+
+
+def _own_cpu_s() -> float:
+  """CPU seconds of this driver and its finished children."""
+  import resource
+  a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 def fmt(x, spec):
@@ -242,6 +264,11 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
     notes.append(f"{dt}: a batch-1 decode step reads >= {step_bytes / 1e6:.0f} MB (params incl. the tied "
                  f"embedding + our KV cache at cache_len {get('ours', dt, ['info', 'decode_cache_len'])}) -> "
                  f"bandwidth-limited max {tps:.1f} tok/s.")
+    ids = {e: get(e, dt, ["check_ids"]) for e in engines}
+    pairs = [(a, c) for i, a in enumerate(engines) for c in engines[i + 1:] if ids[a] and ids[c]]
+    if pairs:
+      notes.append(f"{dt} greedy agreement (matching prefix of {args.check_tokens} ids): " + ", ".join(
+          f"{ENGINES[a][0]} vs {ENGINES[c][0]} {matching_prefix(ids[a], ids[c])}" for a, c in pairs))
     info = get("ours", dt, ["info"])
     if info:
       pb, cb = info["params_bytes"], info["cache_bytes_bB"]
@@ -261,7 +288,8 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
       if "error" in r:
         notes.append(f"{dt} {ENGINES[e][0]}: FAILED: {r['error']}")
         continue
-      notes.append(f"{dt} {ENGINES[e][0]}: load avg {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f}; "
+      notes.append(f"{dt} {ENGINES[e][0]}: other processes used {r['others_cores']:.2f} of 2 cores during its "
+                   f"{r['wall_s']:.0f} s run; "
                    f"{r['info'].get('settings', '')}; versions {r['info'].get('versions')}")
   return "\n".join(lines), notes
 
@@ -271,7 +299,9 @@ def main():
   ap.add_argument("--quick", action="store_true", help="2-minute smoke run: small shapes, 1 repeat, float32")
   ap.add_argument("--dtype", default=None, help="comma list (default float32,bfloat16; --quick: float32)")
   ap.add_argument("--engines", default="ours,official,hf")
-  ap.add_argument("--repeats", type=int, default=None)
+  ap.add_argument("--repeats", type=int, default=None, help="TTFT and prefill repeats (default 3)")
+  ap.add_argument("--decode-repeats", type=int, default=None,
+                  help="decode (t(1), t(N)) pairs after the warm-up pair (default 2)")
   ap.add_argument("--new-tokens", type=int, default=None)
   ap.add_argument("--prefill-len", type=int, default=None)
   ap.add_argument("--decode-len", type=int, default=None, help="prompt length of the decode runs")
@@ -292,6 +322,7 @@ def main():
   args.dtypes = (args.dtype or ("float32" if q else "float32,bfloat16")).split(",")
   args.engines = args.engines.split(",")
   args.repeats = args.repeats or (1 if q else 3)
+  args.decode_repeats = args.decode_repeats or (1 if q else 2)
   args.new_tokens = args.new_tokens or (16 if q else 128)
   args.prefill_len = args.prefill_len or (128 if q else 512)
   args.decode_len = args.decode_len or (32 if q else 128)
@@ -336,7 +367,7 @@ def main():
       f"Prompts: TTFT and greedy check on {SHORT_PROMPT!r} ({len(spec['short_ids'])} ids); prefill "
       f"{args.prefill_len} ids, batch 1; decode: {args.new_tokens} new tokens after {args.decode_len}-id prompts "
       f"(batch 1 and {args.batch} different rows), tok/s = B*(N-1)/(t(N)-t(1)); medians of {args.repeats} "
-      f"repeats{' (QUICK smoke settings)' if q else ''}. Ratios are ours/peer: > 1 means ours is larger "
+      f"repeats ({args.decode_repeats} for decode, after a warm-up){' (QUICK smoke settings)' if q else ''}. Ratios are ours/peer: > 1 means ours is larger "
       f"(better for ↑ rows, worse for ↓ rows).",
   ]
   out = "\n\n".join(["\n".join(header), table, "\n".join(f"- {n}" for n in notes)])

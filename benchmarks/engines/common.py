@@ -16,7 +16,7 @@ The protocol (identical order for every engine, so that "cold" means the same th
   4. Greedy check: generate([short], check_tokens) -> ids, compared across engines by the driver.
   5. Prefill: prefill(prompt of prefill_len ids) once cold, then median of `repeats`.
   6. Decode at batch 1 and batch B: generate(prompts, 1) and generate(prompts, N) once each to warm
-     up, then `repeats` interleaved pairs; decode tokens/s = B * (N - 1) / (median_N - median_1), i.e.
+     up, then `decode_repeats` interleaved pairs; decode tokens/s = B * (N - 1) / (median_N - median_1), i.e.
      the N - 1 steps after the first token, prefill excluded by difference (same shapes in both calls).
 """
 
@@ -116,7 +116,7 @@ def main(engine_cls) -> None:
     tn_cold, outs = timed(engine.generate, prompts, n)
     assert all(len(o) == n for o in outs), [len(o) for o in outs]
     t1s, tns = [], []
-    for _ in range(reps):
+    for _ in range(spec.get("decode_repeats", reps)):
       t1s.append(timed(engine.generate, prompts, 1)[0])
       tns.append(timed(engine.generate, prompts, n)[0])
     m1, mn = statistics.median(t1s), statistics.median(tns)
