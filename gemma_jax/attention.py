@@ -49,12 +49,11 @@ class Attention(nnx.Module):
       self.rope_base, self.rope_scale = config.rope_base_local, 1.0
     else:
       self.rope_base, self.rope_scale = config.rope_base_global, config.rope_scale_global
-    # Official checkpoints fuse q, k, v into one (3, N, D, H) weight when K == N.
-    if n == k:
-      self.qkv_einsum = Einsum((3, n, d, h), ("_", "N", "D", "H"), dtype=dtype, rngs=rngs)
-    else:
-      self.q_einsum = Einsum((n, d, h), ("N", "D", "H"), dtype=dtype, rngs=rngs)
-      self.kv_einsum = Einsum((2, k, d, h), ("_", "K", "D", "H"), dtype=dtype, rngs=rngs)
+    # D-major weights so each projection is one 2-D matmul (layers.weight_einsum); the official
+    # checkpoints' (N, D, H) / (2, K, D, H) / fused (3, N, D, H) layouts are transposed at import.
+    # [k, v] sit inside K so that sharding K splits whole heads.
+    self.q_einsum = Einsum((d, n, h), ("D", "N", "H"), dtype=dtype, rngs=rngs)
+    self.kv_einsum = Einsum((d, k, 2, h), ("D", "K", "_", "H"), dtype=dtype, rngs=rngs)
     self.attn_vec_einsum = Einsum((n, h, d), ("N", "H", "D"), dtype=dtype, rngs=rngs)
     if config.use_qk_norm:
       self._query_norm = RMSNorm(h, "H", eps=config.norm_eps, dtype=dtype, rngs=rngs)
@@ -64,12 +63,8 @@ class Attention(nnx.Module):
 
   def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(B, T, D) -> q (B, T, N, H), k and v (B, T, K, H)."""
-    if hasattr(self, "qkv_einsum"):
-      w = self.qkv_einsum.w[...]
-      return tuple(jnp.einsum("BTD,NDH->BTNH", x, w[i]) for i in range(3))
-    q = self.q_einsum("BTD,NDH->BTNH", x)
-    w = self.kv_einsum.w[...]
-    return q, jnp.einsum("BTD,KDH->BTKH", x, w[0]), jnp.einsum("BTD,KDH->BTKH", x, w[1])
+    kv = self.kv_einsum("BTD,DKCH->BTKCH", x)
+    return self.q_einsum("BTD,DNH->BTNH", x), kv[:, :, :, 0], kv[:, :, :, 1]
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None, fresh: bool = False
                ) -> tuple[jax.Array, LayerCache | None]:

@@ -1,7 +1,7 @@
 """Our checkpoint format: one directory with Orbax params, the config and the tokenizer.
 
   DIR/config.json      {"format": "gemma_jax", "version": 1, "config": {...ModelConfig...}, "source": ...}
-  DIR/params/          Orbax checkpoint of the nested param dict (official names: layer_0/attn/q_einsum/w)
+  DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections: layer_0/attn/q_einsum/w (D, N, H))
   DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
 
 The only module that imports Orbax. Restores go straight into the requested dtype and shardings after
@@ -28,7 +28,8 @@ from .errors import GemmaError
 from .transformer import Transformer
 
 FORMAT = "gemma_jax"
-VERSION = 1
+# 2: D-major projection layouts (q (D, N, H), kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones.
+VERSION = 2
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
@@ -44,7 +45,7 @@ def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """{'layer_0/attn/q_einsum/w': (N, D, H), ...}: every parameter's shape for this config."""
+  """{'layer_0/attn/q_einsum/w': (D, N, H), ...}: every parameter's shape for this config."""
   _, state = abstract_model(config)
   return {path: tuple(x.shape) for path, x in flatten(nnx.to_pure_dict(state)).items()}
 
@@ -96,7 +97,7 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
   Args:
     config: the model's config; params must match it (checked first).
     params: nested dict of arrays (numpy or jax) with the official names, e.g.
-      params["layer_0"]["attn"]["q_einsum"]["w"] of shape (N, D, H).
+      params["layer_0"]["attn"]["q_einsum"]["w"] of shape (D, N, H).
     tokenizer_proto: serialized sentencepiece model, if the source had one.
     source: free text recorded in config.json (where the weights came from).
     instruct: whether the weights are instruction-tuned (None: unknown); chat warns unless True.
@@ -137,7 +138,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     raise GemmaError(f"{config_path} is not a gemma_jax checkpoint config (no \"format\": \"{FORMAT}\")")
   if meta.get("version") != VERSION:
     raise GemmaError(f"{config_path} has format version {meta.get('version')}, this library reads "
-                     f"version {VERSION}")
+                     f"version {VERSION}; convert the weights again with `python -m gemma_jax.convert`")
   return meta
 
 

@@ -12,7 +12,7 @@ import pathlib
 import shutil
 import tempfile
 
-from .checkpoint import CONFIG_FILE
+from .checkpoint import CONFIG_FILE, VERSION
 from .convert import convert
 from .errors import GemmaError
 
@@ -37,13 +37,19 @@ def gguf_path() -> pathlib.Path:
   return pathlib.Path(assemble())
 
 
+def checkpoint_dir() -> pathlib.Path:
+  """Where the converted default checkpoint lives; named by format version, so a new format converts
+  afresh instead of failing on an old cache."""
+  return cache_dir() / f"{NAME}-v{VERSION}"
+
+
 def default_checkpoint(progress: bool = False) -> pathlib.Path:
   """The converted default checkpoint, converting it on first use."""
-  target = cache_dir() / NAME
+  target = checkpoint_dir()
   if (target / CONFIG_FILE).is_file():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=target.parent))
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
   try:
     convert(gguf_path(), tmp / "ckpt", progress=progress)
     try:

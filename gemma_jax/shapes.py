@@ -5,7 +5,7 @@
   F  MLP width per GeGLU branch N  query heads
   K  key/value heads            G  query heads per kv head (N // K)
   H  head dimension             V  vocabulary rows
-  L  layers
+  L  layers                     C  a stacked pair of weights: [k, v] or [gate, up] (axis name "_")
 
 Shape annotations use jaxtyping with these letters, e.g. ``Float[Array, "B T D"]``.
 """

@@ -13,18 +13,22 @@ from .layers import Einsum, Embedder, RMSNorm
 
 
 class FeedForward(nnx.Module):
-  """GeGLU: linear(gelu_tanh(x W_gate) * (x W_up)); gating_einsum (2, F, D) holds [gate, up]."""
+  """GeGLU: linear(gelu_tanh(x W_gate) * (x W_up)); gating_einsum (F, 2, D) holds [gate, up] per row.
+
+  F-major (the official layout is (2, F, D), transposed at import) so that one 2-D matmul computes
+  both branches and sharding F splits whole rows of both.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
-    self.gating_einsum = Einsum((2, config.hidden_dim, config.embed_dim), ("_", "F", "D"), dtype=dtype,
+    self.gating_einsum = Einsum((config.hidden_dim, 2, config.embed_dim), ("F", "_", "D"), dtype=dtype,
                                 rngs=rngs)
     self.linear = Einsum((config.hidden_dim, config.embed_dim), ("F", "D"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.gating_einsum.w[...]
-    gate = jax.nn.gelu(jnp.einsum("BTD,FD->BTF", x, w[0]), approximate=True)
-    return self.linear("BTF,FD->BTD", gate * jnp.einsum("BTD,FD->BTF", x, w[1]))
+    h = self.gating_einsum("BTD,FCD->BTFC", x)
+    gate = jax.nn.gelu(h[..., 0], approximate=True)
+    return self.linear("BTF,FD->BTD", gate * h[..., 1])
 
 
 class Block(nnx.Module):
@@ -52,7 +56,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """The Gemma decoder. Params are named as in the official checkpoints (layer_{i}/attn/q_einsum/w...)."""
+  """The Gemma decoder. Params are named as in the official checkpoints (layer_{i}/attn/q_einsum/w...),
+  in D-major layouts (see attention.py)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config

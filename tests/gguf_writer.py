@@ -13,16 +13,14 @@ def gguf_tensors(cfg, flat: dict) -> dict[str, np.ndarray]:
   out = {"token_embd.weight": flat["embedder/input_embedding"], "output_norm.weight": flat["final_norm/scale"] + 1}
   for i in range(cfg.num_layers):
     a, b = f"layer_{i}/attn/", f"blk.{i}."
-    if n == k:
-      q, kk, v = flat[a + "qkv_einsum/w"]
-    else:
-      q = flat[a + "q_einsum/w"]
-      kk, v = flat[a + "kv_einsum/w"]
-    rows = lambda w: np.transpose(w, (0, 2, 1)).reshape(-1, d)  # (X, D, H) -> (X*H, D)
-    out[b + "attn_q.weight"], out[b + "attn_k.weight"], out[b + "attn_v.weight"] = rows(q), rows(kk), rows(v)
+    q = flat[a + "q_einsum/w"]                       # (D, N, H)
+    kv = flat[a + "kv_einsum/w"]                     # (D, K, 2, H)
+    rows = lambda w: np.transpose(w, (1, 2, 0)).reshape(-1, d)  # (D, X, H) -> (X*H, D)
+    out[b + "attn_q.weight"] = rows(q)
+    out[b + "attn_k.weight"], out[b + "attn_v.weight"] = rows(kv[:, :, 0]), rows(kv[:, :, 1])
     out[b + "attn_output.weight"] = np.transpose(flat[a + "attn_vec_einsum/w"], (2, 0, 1)).reshape(d, n * h)
-    gate, up = flat[f"layer_{i}/mlp/gating_einsum/w"]
-    out[b + "ffn_gate.weight"], out[b + "ffn_up.weight"] = gate, up
+    g = flat[f"layer_{i}/mlp/gating_einsum/w"]       # (F, 2, D)
+    out[b + "ffn_gate.weight"], out[b + "ffn_up.weight"] = g[:, 0], g[:, 1]
     out[b + "ffn_down.weight"] = flat[f"layer_{i}/mlp/linear/w"].T
     norms = {"attn_norm": "pre_attention_norm", "ffn_norm": "pre_ffw_norm"}
     if cfg.use_post_attn_norm:

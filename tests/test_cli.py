@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA
-from gemma_jax import sample, score
+from gemma_jax import default_model, sample, score
 from gemma_jax.convert.__main__ import main as convert_main
 
 GOLDEN = json.loads((DATA / "golden_270m.json").read_text())
@@ -104,7 +104,7 @@ def test_convert_cli_errors(capsys, tmp_path):
 
 def test_default_model_cache_is_reused(ckpt_270m, capsys, monkeypatch, tmp_path):
   monkeypatch.setenv("GEMMA_JAX_CACHE", str(tmp_path))
-  shutil.copytree(ckpt_270m, tmp_path / "gemma3-270m-q4_k_m")
+  shutil.copytree(ckpt_270m, default_model.checkpoint_dir())
   code, out, _ = run(sample.main, ["--prompt", FRANCE["text"], "--max-new-tokens", "32", "--json"], capsys)
   assert code == 0 and json.loads(out)["tokens"] == FRANCE["greedy"]
 
@@ -118,7 +118,7 @@ def test_readme_command_on_a_fresh_cache(tmp_path):
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stderr
   assert json.loads(first.stdout)["tokens"] == FRANCE["greedy"]
-  assert (tmp_path / "gemma3-270m-q4_k_m" / "config.json").is_file()
+  assert (tmp_path / default_model.checkpoint_dir().name / "config.json").is_file()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
   bad = subprocess.run(cmd[:3] + ["--prompt", "hi", "--max-new-tokens", "-3"], env=env, capture_output=True,
                        text=True, timeout=900)

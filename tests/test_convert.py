@@ -79,14 +79,44 @@ def test_gguf_quantized_tensors_land_in_the_right_places(qtype, tmp_path):
     assert quantized[k].shape == v.shape
 
 
-def official_layout(flat, transpose_gating=False):
+def official_layout(cfg, flat, transpose_gating=False):
+  """Our flat params -> the official nested tree (layouts as in ../shared/models.md)."""
   out = {}
   for path, value in flat.items():
     module, leaf = path.rsplit("/", 1)
-    if transpose_gating and path.endswith("gating_einsum/w"):
-      value = np.ascontiguousarray(value.transpose(0, 2, 1))
-    out.setdefault(f"transformer/{module}", {})[leaf] = value
+    if path.endswith("q_einsum/w"):
+      value = value.transpose(1, 0, 2)                  # (D, N, H) -> (N, D, H)
+    elif path.endswith("kv_einsum/w"):
+      value = value.transpose(2, 1, 0, 3)               # (D, K, 2, H) -> (2, K, D, H)
+    elif path.endswith("gating_einsum/w"):
+      value = value.transpose(1, 2, 0) if transpose_gating else value.transpose(1, 0, 2)  # -> (2, D, F) / (2, F, D)
+    out.setdefault(f"transformer/{module}", {})[leaf] = np.ascontiguousarray(value)
+  if cfg.num_heads == cfg.num_kv_heads:  # MHA checkpoints fuse q, k, v into qkv_einsum (3, N, D, H)
+    for i in range(cfg.num_layers):
+      attn = out.pop(f"transformer/layer_{i}/attn/q_einsum"), out.pop(f"transformer/layer_{i}/attn/kv_einsum")
+      out[f"transformer/layer_{i}/attn/qkv_einsum"] = {"w": np.concatenate([attn[0]["w"][None], attn[1]["w"]])}
   return out
+
+
+def official_shapes(cfg):
+  """The official checkpoint's flat shapes for cfg, written from models.md (not from our code)."""
+  n, k, d, h, f = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim, cfg.hidden_dim
+  shapes = {"embedder/input_embedding": (cfg.vocab_size, d), "final_norm/scale": (d,)}
+  for i in range(cfg.num_layers):
+    a = f"layer_{i}/attn/"
+    if n == k:
+      shapes[a + "qkv_einsum/w"] = (3, n, d, h)
+    else:
+      shapes[a + "q_einsum/w"], shapes[a + "kv_einsum/w"] = (n, d, h), (2, k, d, h)
+    shapes[a + "attn_vec_einsum/w"] = (n, h, d)
+    shapes[f"layer_{i}/mlp/gating_einsum/w"], shapes[f"layer_{i}/mlp/linear/w"] = (2, f, d), (f, d)
+    norms = ["pre_attention_norm", "pre_ffw_norm"]
+    norms += ["post_attention_norm"] if cfg.use_post_attn_norm else []
+    norms += ["post_ffw_norm"] if cfg.use_post_ffw_norm else []
+    shapes.update({f"layer_{i}/{m}/scale": (d,) for m in norms})
+    if cfg.use_qk_norm:
+      shapes[a + "_query_norm/scale"] = shapes[a + "_key_norm/scale"] = (h,)
+  return shapes
 
 
 @pytest.mark.parametrize("name", ["tiny_gemma1_mha", "tiny_gemma2_gqa", "tiny_gemma3_qk"])
@@ -94,7 +124,7 @@ def test_official_orbax_layout_imports(name, tmp_path):
   cfg = TINY_PRESETS[name]
   flat = random_flat(cfg)
   # Gemma 2 2B stores gating_einsum as (2, D, F); the importer turns it back.
-  ocp.PyTreeCheckpointer().save(tmp_path / "official", official_layout(flat, name == "tiny_gemma2_gqa"))
+  ocp.PyTreeCheckpointer().save(tmp_path / "official", official_layout(cfg, flat, name == "tiny_gemma2_gqa"))
   model, got = loaded_flat(gj.convert(tmp_path / "official", tmp_path / "ckpt", preset=name))
   assert model.config == cfg
   for k, v in flat.items():
@@ -105,12 +135,12 @@ def test_official_orbax_layout_imports(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_official_config_is_inferred_from_shapes(name):
-  assert infer_config(checkpoint.param_shapes(PRESETS[name]), "ckpt") == PRESETS[name]
+  assert infer_config(official_shapes(PRESETS[name]), "ckpt") == PRESETS[name]
 
 
 def test_official_layout_without_matching_preset_asks_for_one(tmp_path):
   flat = random_flat(TINY_PRESETS["tiny_gemma1_mqa"])
-  ocp.PyTreeCheckpointer().save(tmp_path / "official", official_layout(flat))
+  ocp.PyTreeCheckpointer().save(tmp_path / "official", official_layout(TINY_PRESETS["tiny_gemma1_mqa"], flat))
   with pytest.raises(GemmaError, match=r"no official preset matches Gemma 1 with L=3 D=44 .*--preset"):
     gj.convert(tmp_path / "official", tmp_path / "ckpt")
 
@@ -192,8 +222,18 @@ def test_checkpoint_whose_shapes_do_not_match_its_config(tiny_gguf, tmp_path):
   meta = json.loads((ckpt / "config.json").read_text())
   meta["config"]["hidden_dim"] = 71
   (ckpt / "config.json").write_text(json.dumps(meta))
-  with pytest.raises(GemmaError, match=r"parameter layer_0/mlp/gating_einsum/w has shape \(2, 67, 44\) but the "
-                                       r"config \(\S+\) expects \(2, 71, 44\)"):
+  with pytest.raises(GemmaError, match=r"parameter layer_0/mlp/gating_einsum/w has shape \(67, 2, 44\) but the "
+                                       r"config \(\S+\) expects \(71, 2, 44\)"):
+    gj.load(ckpt)
+
+
+def test_checkpoint_of_an_older_format_asks_to_convert_again(tiny_gguf, tmp_path):
+  ckpt = gj.convert(tiny_gguf, tmp_path / "ckpt")
+  meta = json.loads((ckpt / "config.json").read_text())
+  meta["version"] = 1  # official (N, D, H) projection layouts
+  (ckpt / "config.json").write_text(json.dumps(meta))
+  with pytest.raises(GemmaError, match=r"has format version 1, this library reads version 2; convert the "
+                                       r"weights again with `python -m gemma_jax.convert`"):
     gj.load(ckpt)
 
 

@@ -5,7 +5,9 @@
 Model: gm.nn.Gemma3_270M; sampling: gm.text.Sampler (its prefill, then its jitted while_loop), greedy.
 Weights: our converted Orbax checkpoint, read with plain orbax (StandardCheckpointer) and re-nested into
 gm's tree: our names are the official ones except that gm's MLP params are bare leaves
-(`mlp/gating_einsum`, `mlp/linear`) where ours end in `/w`. Every shape is checked against
+(`mlp/gating_einsum`, `mlp/linear`) where ours end in `/w`, and our projections are D-major (transposed
+back here: q_einsum (D, N, H) -> (N, D, H), kv_einsum (D, K, 2, H) -> (2, K, D, H), gating_einsum
+(F, 2, D) -> (2, F, D)). Every shape is checked against
 jax.eval_shape(model.init). bfloat16: the params are cast (gm computes in the params' dtype; its KV cache
 takes the dtype of the first param leaf).
 
@@ -70,8 +72,12 @@ class Engine:
     for layer, sub in raw.items():
       params[layer] = {}
       for mod, leaves in sub.items():
+        if mod == "attn":
+          leaves = dict(leaves, q_einsum={"w": leaves["q_einsum"]["w"].transpose(1, 0, 2)},
+                        kv_einsum={"w": leaves["kv_einsum"]["w"].transpose(2, 1, 0, 3)})
         if mod == "mlp":
           leaves = {k: v["w"] for k, v in leaves.items()}  # gm: mlp/gating_einsum, mlp/linear (no /w)
+          leaves["gating_einsum"] = leaves["gating_einsum"].transpose(1, 0, 2)
         params[layer][mod] = leaves
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     got = jax.tree.map(lambda x: (x.shape, x.dtype), params)

@@ -71,20 +71,15 @@ def attention_params(cfg: ModelConfig, q: np.ndarray, k: np.ndarray, v: np.ndarr
   Args:
     q: (N*H, D), k and v: (K*H, D), o: (D, N*H) -- the torch/GGUF "out_features x in_features" layout.
   Returns:
-    {"q_einsum/w": (N, D, H), "kv_einsum/w": (2, K, D, H), "attn_vec_einsum/w": (N, H, D)}, or
-    {"qkv_einsum/w": (3, N, D, H), ...} when K == N, as the official checkpoints store it.
+    {"q_einsum/w": (D, N, H), "kv_einsum/w": (D, K, 2, H), "attn_vec_einsum/w": (N, H, D)}.
   """
   n, kh, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
-  heads = lambda w, count: w.reshape(count, h, d).transpose(0, 2, 1)  # (count*H, D) -> (count, D, H)
-  out = {"attn_vec_einsum/w": o.reshape(d, n, h).transpose(1, 2, 0)}
-  if n == kh:
-    out["qkv_einsum/w"] = np.stack([heads(q, n), heads(k, kh), heads(v, kh)])
-  else:
-    out["q_einsum/w"] = heads(q, n)
-    out["kv_einsum/w"] = np.stack([heads(k, kh), heads(v, kh)])
+  out = {"attn_vec_einsum/w": o.reshape(d, n, h).transpose(1, 2, 0),
+         "q_einsum/w": q.reshape(n, h, d).transpose(2, 0, 1),
+         "kv_einsum/w": np.stack([k.reshape(kh, h, d), v.reshape(kh, h, d)], axis=1).transpose(3, 0, 1, 2)}
   return {key: np.ascontiguousarray(val) for key, val in out.items()}
 
 
 def mlp_params(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
-  """gate, up (F, D) and down (D, F) -> {"gating_einsum/w": (2, F, D), "linear/w": (F, D)}."""
-  return {"gating_einsum/w": np.stack([gate, up]), "linear/w": np.ascontiguousarray(down.T)}
+  """gate, up (F, D) and down (D, F) -> {"gating_einsum/w": (F, 2, D), "linear/w": (F, D)}."""
+  return {"gating_einsum/w": np.stack([gate, up], axis=1), "linear/w": np.ascontiguousarray(down.T)}

@@ -4,7 +4,9 @@ Flat keys such as "transformer/layer_0/attn/q_einsum" -> {"w"}, "transformer/emb
 {"input_embedding"}: after dropping the "transformer/" prefix they are exactly our parameter paths
 (../shared/models.md). The checkpoint stores no config: the family comes from which norms exist, the
 dimensions from the shapes, and the rest from the matching official preset (or one named by the user).
-Gemma 2 2B stores gating_einsum as (2, D, F); it is transposed to our (2, F, D).
+The official layouts are transposed to ours (D-major projections, see attention.py): q_einsum
+(N, D, H) -> (D, N, H); kv_einsum (2, K, D, H) and the fused qkv_einsum (3, N, D, H) of MHA models ->
+q_einsum and kv_einsum (D, K, 2, H); gating_einsum (2, F, D) -> (F, 2, D) (Gemma 2 2B stores (2, D, F)).
 """
 
 from __future__ import annotations
@@ -64,15 +66,36 @@ def import_official(path: str | os.PathLike, preset: str | None = None, progress
     cfg = infer_config(shapes, where)
   params = DeviceParams()
   for p, value in checkpoint.flatten(restore()).items():
-    if not p.startswith(PREFIX):
-      continue
-    p = p[len(PREFIX):]
-    value = np.asarray(value)
-    if p.endswith("mlp/gating_einsum/w") and value.shape == (2, cfg.embed_dim, cfg.hidden_dim) \
-        and cfg.embed_dim != cfg.hidden_dim:
-      value = np.ascontiguousarray(value.transpose(0, 2, 1))  # Gemma 2 2B layout
-    params[p] = value
+    if p.startswith(PREFIX):
+      for ours, array in to_ours(p[len(PREFIX):], np.asarray(value), cfg, where):
+        params[ours] = array
   checkpoint.check_params(cfg, {p: v.shape for p, v in params.items()}, where)
   name = pathlib.Path(path).absolute()
   instruct = True if looks_instruct(name.name, name.parent.name) else None  # Kaggle: gemma-2-2b-it/...
   return Imported(cfg, params, None, source=f"official:{name.name}", instruct=instruct)
+
+
+def to_ours(path: str, value: np.ndarray, cfg: ModelConfig, where: str) -> list[tuple[str, np.ndarray]]:
+  """One official tensor -> [(our path, our array)]: the layout transposes listed in the module doc."""
+  def need(rank):
+    if value.ndim != rank:
+      raise GemmaError(f"{where}: tensor {PREFIX}{path} has shape {value.shape}; the official layout has "
+                       f"rank {rank}")
+  out = lambda name, x: (name, np.ascontiguousarray(x))
+  if path.endswith("attn/qkv_einsum/w"):
+    need(4)
+    base = path[:-len("qkv_einsum/w")]
+    return [out(base + "q_einsum/w", value[0].transpose(1, 0, 2)),
+            out(base + "kv_einsum/w", value[1:].transpose(2, 1, 0, 3))]
+  if path.endswith("attn/q_einsum/w"):
+    need(3)
+    return [out(path, value.transpose(1, 0, 2))]
+  if path.endswith("attn/kv_einsum/w"):
+    need(4)
+    return [out(path, value.transpose(2, 1, 0, 3))]
+  if path.endswith("mlp/gating_einsum/w"):
+    need(3)
+    if value.shape == (2, cfg.embed_dim, cfg.hidden_dim) and cfg.embed_dim != cfg.hidden_dim:
+      return [out(path, value.transpose(2, 0, 1))]  # Gemma 2 2B: (2, D, F)
+    return [out(path, value.transpose(1, 0, 2))]
+  return [(path, value)]
