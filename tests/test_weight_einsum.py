@@ -25,3 +25,16 @@ def test_weight_einsum_equals_jnp_einsum(equation, xs, ws):
   want = np.einsum(equation.lower(), np.asarray(x, np.float64), np.asarray(w, np.float64))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bfloat16_rows_accumulate_in_float32_like_einsum(rows):
+  # One bf16 row takes a two-row matmul on CPU (see weight_einsum); the products of bf16 values are
+  # exact in float32, so both paths agree to float32 rounding of the sums.
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (rows, 1, 64)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (300, 64)).astype(jnp.bfloat16)
+  got = weight_einsum("BTD,VD->BTV", x, w, preferred_element_type=jnp.float32)
+  want = np.einsum("btd,vd->btv", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  assert got.shape == (rows, 1, 300) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
