@@ -8,6 +8,8 @@ are built from these positions, never from slot indices, which keeps ring buffer
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -15,6 +17,10 @@ from flax import struct
 from .configs import LOCAL, ModelConfig
 
 EMPTY = -1
+
+# Logical axes (shapes.py alphabet) of each LayerCache array: the one place that states the cache layout.
+# init_cache builds shapes from it and sharding.py maps it to mesh axes, so a layout change is made here.
+CACHE_AXES: dict[str, tuple[str, ...]] = {"k": ("B", "S", "K", "H"), "v": ("B", "S", "K", "H"), "pos": ("B", "S")}
 
 
 @struct.dataclass
@@ -70,32 +76,44 @@ def layer_slots(config: ModelConfig, cache_len: int) -> tuple[int, ...]:
                for t in config.attention_types)
 
 
-def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None, rolling: bool = False
-               ) -> Cache:
+Placement = Callable[[tuple[str, ...], tuple[int, ...]], "jax.sharding.Sharding | None"]
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None, rolling: bool = False,
+               place: Placement | None = None) -> Cache:
   """An empty cache for `batch_size` rows holding positions [0, cache_len) on global layers.
 
   rolling: global layers become ring buffers too, keeping the most recent cache_len tokens; attention
   to older tokens is lost (an explicit opt-in for conversations longer than the cache; see README).
+  place: maps an array's logical axes (CACHE_AXES) and shape to the sharding it is created in
+    (sharding.Layout.sharding), so a sharded cache is never whole on one device; default: the default device.
   """
   if cache_len < 1 or batch_size < 1:
     raise ValueError(f"cache needs batch_size >= 1 and cache_len >= 1, got {batch_size}, {cache_len}")
   dtype = jnp.dtype(dtype or config.dtype)
-  kv_shape = lambda s: (batch_size, s, config.num_kv_heads, config.head_dim)
+
+  def full(field: str, slots: int, value, dt) -> jax.Array:
+    sizes = {"B": batch_size, "S": slots, "K": config.num_kv_heads, "H": config.head_dim}
+    axes = CACHE_AXES[field]
+    shape = tuple(sizes[a] for a in axes)
+    return jnp.full(shape, value, dt, device=place(axes, shape) if place else None)
+
   return tuple(
-      LayerCache(k=jnp.zeros(kv_shape(s), dtype), v=jnp.zeros(kv_shape(s), dtype),
-                 pos=jnp.full((batch_size, s), EMPTY, jnp.int32), ring=rolling or t == LOCAL)
+      LayerCache(k=full("k", s, 0, dtype), v=full("v", s, 0, dtype), pos=full("pos", s, EMPTY, jnp.int32),
+                 ring=rolling or t == LOCAL)
       for s, t in zip(layer_slots(config, cache_len), config.attention_types))
 
 
-def resize_cache(config: ModelConfig, cache: Cache, cache_len: int, rolling: bool = False) -> Cache:
+def resize_cache(config: ModelConfig, cache: Cache, cache_len: int, rolling: bool = False,
+                 place: Placement | None = None) -> Cache:
   """The same cached tokens in a cache of a new cache_len (growing a conversation's cache).
 
   Every filled slot moves to where its position belongs in the new layout (p on global layers, p % S
   on rings), so the result is what feeding the same tokens into a fresh cache of that size gives, as
-  long as the new cache can hold them.
+  long as the new cache can hold them. place: as for init_cache.
   """
   batch = cache[0].pos.shape[0]
-  fresh = init_cache(config, batch, cache_len, cache[0].k.dtype, rolling)
+  fresh = init_cache(config, batch, cache_len, cache[0].k.dtype, rolling, place)
   out = []
   for old, new in zip(cache, fresh):
     s = new.num_slots
