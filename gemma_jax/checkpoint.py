@@ -7,6 +7,10 @@
 The only module that imports Orbax. Restores go straight into the requested dtype and shardings after
 the stored shapes are checked against the config, so a mismatch names the parameter and both shapes
 instead of failing deep inside Orbax or, worse, restoring silently.
+
+Arrays are stored in chunks of at most CHUNK_BYTES, so a sharded restore reads each device's slice
+chunk by chunk: no parameter is ever whole in host memory or on one device (a single-chunk array
+would be decoded whole for every slice).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from flax import nnx
 
 from .configs import ModelConfig
 from .errors import GemmaError
+from .sharding import Layout
 from .transformer import Transformer
 
 FORMAT = "gemma_jax"
@@ -33,6 +38,11 @@ VERSION = 2
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
+# Storage chunk size. Orbax splits the largest dimensions first (Gemma 3 270M's (V, D) embedding becomes
+# 64 chunks of 4096 rows), so a vocab-sharded slice reads only its own chunks.
+CHUNK_BYTES = 16 << 20
+# Host bytes a restore may have in flight at least (Orbax's byte limiter); more when one slice needs it.
+MIN_RESTORE_BYTES = 256 << 20
 
 # Orbax logs every save and restore at INFO; keep users' logs for their own messages.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -111,7 +121,8 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
   # place, and on CPU device_put aliases aligned numpy buffers, so only one copy is ever held.
   params = jax.tree.map(jax.device_put, params)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / PARAMS_DIR, params)
+  checkpointer.save(directory / PARAMS_DIR, params,
+                    save_args=jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params))
   checkpointer.wait_until_finished()
   meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source,
           "instruct": instruct}
@@ -151,8 +162,8 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     raise GemmaError(f"{pathlib.Path(directory) / CONFIG_FILE}: invalid model config: {e}") from None
 
 
-def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-  """Flat {path: shape} of the params stored in a checkpoint, read from Orbax metadata only."""
+def stored_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+  """Flat {path: Orbax ArrayMetadata} of the params stored in a checkpoint (shape, dtype, chunk shape)."""
   path = pathlib.Path(directory).absolute() / PARAMS_DIR
   if not path.is_dir():
     raise GemmaError(f"{directory} has no {PARAMS_DIR}/ directory: not a complete gemma_jax checkpoint")
@@ -160,28 +171,41 @@ def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
   except Exception as e:  # Orbax raises many types for corrupt metadata; name the file instead.
     raise GemmaError(f"cannot read the Orbax metadata in {path}: {e}") from None
-  return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+  return flatten(tree)
 
 
-def load_params(directory: str | os.PathLike, config: ModelConfig,
-                sharding: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None
+def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """Flat {path: shape} of the params stored in a checkpoint, read from Orbax metadata only."""
+  return {k: tuple(v.shape) for k, v in stored_metadata(directory).items()}
+
+
+def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layout | None = None
                 ) -> tuple[nnx.GraphDef, nnx.State]:
   """Restores params into config.dtype, each directly into its target sharding.
 
   Args:
-    sharding: maps a flat param path and shape to its target sharding; default: the first device.
+    layout: a mesh and rules (sharding.Layout); each device reads only its own slice of each param.
+      Default: everything on the first device.
   Returns:
     (graphdef, params) for nnx.merge; params is an nnx.State of jax arrays.
   """
   directory = pathlib.Path(directory).absolute()
-  check_params(config, stored_shapes(directory), str(directory))
+  stored = stored_metadata(directory)
+  check_params(config, {k: tuple(v.shape) for k, v in stored.items()}, str(directory))
   graphdef, state = abstract_model(config)
   dtype = jnp.dtype(config.dtype)
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding(path, x.shape) if sharding else default)
+  if layout is not None:
+    shardings = layout.param_shardings(state)
+  else:
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {path: default for path in flatten(nnx.to_pure_dict(state))}
+  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=shardings[path])
           for path, x in flatten(nnx.to_pure_dict(state)).items()}
+  # Orbax reserves, for each slice it reads, the bytes of the stored chunks that slice touches; the limit
+  # is the largest such slice (or MIN_RESTORE_BYTES), so host memory holds one slice in flight at worst.
+  limit = max([MIN_RESTORE_BYTES] + [_slice_read_bytes(flat[p], stored[p]) for p in flat])
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit / 1e9))
   restored: dict[str, Any] = {}
-  checkpointer = ocp.PyTreeCheckpointer()
   for group in _restore_groups(flat):
     target = unflatten({path: flat[path] for path in group})
     args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
@@ -191,6 +215,21 @@ def load_params(directory: str | os.PathLike, config: ModelConfig,
     restored.update(flatten(part))
   nnx.replace_by_pure_dict(state, unflatten(restored))
   return graphdef, state
+
+
+def _slice_read_bytes(target: jax.ShapeDtypeStruct, stored) -> int:
+  """The most bytes Orbax reserves to read one device's slice of this param: the slice rounded out to
+  the stored chunk grid (serialization.estimate_read_memory_footprint), at the larger itemsize."""
+  chunk = getattr(getattr(stored, "storage", None), "chunk_shape", None) or tuple(target.shape)
+  item = max(jnp.dtype(target.dtype).itemsize, jnp.dtype(stored.dtype).itemsize)
+  most = 0
+  for index in target.sharding.devices_indices_map(tuple(target.shape)).values():
+    n = item
+    for sl, size, c in zip(index, target.shape, chunk):
+      lo, hi, _ = sl.indices(size)
+      n *= -(-hi // c) * c - lo // c * c
+    most = max(most, n)
+  return most
 
 
 def _restore_groups(flat: dict[str, jax.ShapeDtypeStruct], parts: int = 8) -> list[list[str]]:
@@ -212,11 +251,12 @@ def _restore_groups(flat: dict[str, jax.ShapeDtypeStruct], parts: int = 8) -> li
   return groups + [current] if current else groups
 
 
-def load(directory: str | os.PathLike, dtype: str | None = None, sharding=None
+def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout | None = None
          ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, bytes | None]:
   """(config, graphdef, params, tokenizer proto or None) from a checkpoint directory.
 
   dtype: "float32" or "bfloat16" to override the stored config's runtime dtype.
+  layout: restore each param straight into the mesh's sharding (see load_params).
   """
   config = read_config(directory)
   if dtype is not None:
@@ -224,7 +264,7 @@ def load(directory: str | os.PathLike, dtype: str | None = None, sharding=None
       config = config.replace(dtype=dtype)
     except ValueError as e:
       raise GemmaError(str(e)) from None
-  graphdef, params = load_params(directory, config, sharding)
+  graphdef, params = load_params(directory, config, layout)
   tok_path = pathlib.Path(directory) / TOKENIZER_FILE
   return config, graphdef, params, (tok_path.read_bytes() if tok_path.is_file() else None)
 
