@@ -2,6 +2,7 @@
 
   import gemma_jax as gj
   model = gj.load("out/ckpt")                       # a checkpoint made by `python -m gemma_jax.convert`
+  model = gj.load("out/ckpt", mesh=gj.make_mesh("data=1,model=-1"))   # spread over every device
   model.generate("The capital of France is", max_new_tokens=16)
 """
 
@@ -10,7 +11,8 @@ from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
 from .convert import convert
 from .errors import GemmaError
 from .generate import ChatSession, Model, load
+from .sharding import GENERATION, TRAINING, Layout, make_mesh
 from .tokenizer import Tokenizer
 
-__all__ = ["ALL_PRESETS", "PRESETS", "TINY_PRESETS", "ChatSession", "GemmaError", "Model", "ModelConfig", "Tokenizer",
-           "convert", "get_preset", "init_cache", "load"]
+__all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "GemmaError", "Layout",
+           "Model", "ModelConfig", "Tokenizer", "convert", "get_preset", "init_cache", "load", "make_mesh"]

@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from . import checkpoint, decode
 from .cache import init_cache, resize_cache
 from .configs import ModelConfig
 from .errors import GemmaError
 from .sampling import Sampling, make_sampling
+from .sharding import GENERATION, Layout, Rules, get_rules, make_mesh
 from .tokenizer import Tokenizer
 
 MIN_BUCKET = 32
@@ -43,14 +45,14 @@ def _check_stop_strings(stop: Sequence[str] | str) -> tuple[str, ...]:
   return stop
 
 
-def _pad(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> tuple[jax.Array, jax.Array]:
+def _pad(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads id rows to `length`: tokens and positions (B, length), positions -1 on padding."""
   tokens = np.zeros((len(rows), length), np.int32)
   positions = np.full((len(rows), length), -1, np.int32)
   for r, (row, start) in enumerate(zip(rows, starts)):
     tokens[r, :len(row)] = row
     positions[r, :len(row)] = start + np.arange(len(row))
-  return jnp.asarray(tokens), jnp.asarray(positions)
+  return tokens, positions
 
 
 def _drive(gen):
@@ -128,7 +130,10 @@ class Completion:
 class Model:
   """A Gemma model ready to run: config, params (nnx.State), graph definition and tokenizer.
 
-  Build one with `load(path)` (a converted checkpoint) or `Model.random(config)` (tests).
+  Build one with `load(path)` (a converted checkpoint) or `Model.random(config)` (tests); `load(path,
+  mesh=...)` or `model.shard(mesh)` spread it over devices. With a layout, params, cache and batch are
+  placed by its rules and a batch is padded with idle rows to a multiple of the `data` axis (the padding
+  rows draw nothing and are never returned).
   """
 
   config: ModelConfig
@@ -136,6 +141,7 @@ class Model:
   params: nnx.State
   tokenizer: Tokenizer | None = None
   instruct: bool | None = None  # an instruction-tuned checkpoint? None: the source did not say
+  layout: Layout | None = None  # mesh and sharding rules; None: one device
 
   @classmethod
   def random(cls, config: ModelConfig, seed: int = 0, tokenizer: Tokenizer | None = None) -> "Model":
@@ -150,6 +156,33 @@ class Model:
     values = {path: jnp.asarray(draw(path, x), x.dtype) for path, x in flat.items()}
     nnx.replace_by_pure_dict(state, checkpoint.unflatten(values))
     return cls(config, graphdef, state, tokenizer)
+
+  def shard(self, mesh: Mesh | str, rules: Rules | str = GENERATION) -> "Model":
+    """This model with its params copied onto a mesh (a Mesh or a spec like "data=1,model=-1")."""
+    layout = Layout(make_mesh(mesh) if isinstance(mesh, str) else mesh, get_rules(rules))
+    return dataclasses.replace(self, params=layout.shard_params(self.params), layout=layout)
+
+  def _padded(self, rows: int) -> int:
+    """Rows a batch of `rows` occupies: rounded up to a multiple of the data axis."""
+    m = self.layout.batch_multiple if self.layout else 1
+    return -(-rows // m) * m
+
+  def _put(self, x, axes: tuple[str, ...] | None = None) -> jax.Array:
+    """A host value as a jit input: placed by the layout's rules (None: replicated), else on one device."""
+    return jnp.asarray(x) if self.layout is None else self.layout.put(x, axes)
+
+  @property
+  def _place(self):
+    return None if self.layout is None else self.layout.sharding
+
+  def _batch_sampling(self, sampling: Sampling, rows: int) -> Sampling:
+    """Per-row settings for the padded batch (padding rows copy row 0) placed like the batch."""
+    def fit(x):
+      x, n = np.asarray(x), np.shape(x)[0]
+      if n != rows and self._padded(n) != rows:
+        raise GemmaError(f"sampling settings are for {n} rows but the batch has {rows}")
+      return self._put(np.concatenate([x, np.repeat(x[:1], rows - n, axis=0)]), ("B",))
+    return jax.tree.map(fit, sampling)
 
   @property
   def vocab_limit(self) -> int:
@@ -230,11 +263,14 @@ class Model:
                        f"({max_new_tokens}) needs {total}; raise cache_len or pass cache_policy='rolling' "
                        "(global layers then forget the oldest tokens)")
     t_pad = bucket(longest) if rolling else min(bucket(longest), cache_len)
-    tokens, positions = _pad(rows, [0] * len(rows), t_pad)
-    cache = init_cache(self.config, len(rows), cache_len, rolling=rolling)
-    logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, cache, True)
-    return decode.DecodeState(logits=logits, pos=jnp.asarray([len(r) for r in rows], jnp.int32),
-                              done=jnp.zeros((len(rows),), bool), step=jnp.int32(0), cache=cache)
+    b = self._padded(len(rows))
+    idle = b - len(rows)  # padding rows: no tokens (positions -1), done from the start
+    tokens, positions = _pad(rows + [[]] * idle, [0] * b, t_pad)
+    cache = init_cache(self.config, b, cache_len, rolling=rolling, place=self._place)
+    logits, cache = decode.prefill(self.graphdef, self.params, self._put(tokens, ("B", "T")),
+                                   self._put(positions, ("B", "T")), cache, True, self.layout)
+    return decode.DecodeState(logits=logits, pos=self._put(np.array([len(r) for r in rows] + [0] * idle, np.int32)),
+                              done=self._put(np.arange(b) >= len(rows)), step=self._put(np.int32(0)), cache=cache)
 
   def run(self, state: decode.DecodeState, max_new_tokens: int, sampling: Sampling, *,
           stop_ids: Sequence[int] | None = None, forbidden_ids: Sequence[int] | None = None,
@@ -249,11 +285,13 @@ class Model:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
       raise GemmaError(f"chunk must be an integer >= 1, got {chunk!r}")
     capacity = chunk or bucket(max_new_tokens)
+    sampling = self._batch_sampling(sampling, state.pos.shape[0])
+    stops, allowed = self._put(stops), self._put(allowed)
     produced = 0
     while produced < max_new_tokens and not bool(jnp.all(state.done)):
       steps = min(capacity, max_new_tokens - produced)
-      out, state = decode.decode_loop(self.graphdef, self.params, state, sampling, jnp.int32(steps), stops,
-                                      allowed, capacity)
+      out, state = decode.decode_loop(self.graphdef, self.params, state, sampling, self._put(np.int32(steps)),
+                                      stops, allowed, capacity, self.layout)
       out = np.asarray(out)
       produced += steps
       state = yield [row[row >= 0].tolist() for row in out], state
@@ -275,27 +313,32 @@ class Model:
     rows: list[list[int]] = [[] for _ in prompts]
     for out, state in _drive(self.run(state, max_new_tokens, sampling, stop_ids=stop_ids,
                                       forbidden_ids=forbidden_ids)):
-      for r, ids in enumerate(out):
-        rows[r] += ids
+      for row, ids in zip(rows, out):  # padding rows (a sharded batch) are dropped
+        row += ids
     return rows
 
   def feed(self, state: decode.DecodeState, ids: Sequence[Sequence[int]]) -> decode.DecodeState:
     """Appends ids to every row of a state (e.g. the next chat turn): only these tokens are run.
 
-    The cache must have room (global layers hold positions < cache_len unless rolling).
+    The cache must have room (global layers hold positions < cache_len unless rolling). A sharded
+    batch's padding rows stay idle.
     """
     rows = [self.check_ids(r, "continuation") for r in ids]
-    if len(rows) != state.pos.shape[0]:
-      raise GemmaError(f"feed needs one id list per row ({state.pos.shape[0]}), got {len(rows)}")
+    b = state.pos.shape[0]
+    if self._padded(len(rows)) != b:
+      raise GemmaError(f"feed needs one id list per row ({b}), got {len(rows)}")
+    rows += [[]] * (b - len(rows))
+    lengths = np.array([len(r) for r in rows], np.int32)
     fixed = [c.num_slots for c in state.cache if not c.ring]
-    end = int(np.max(np.asarray(state.pos) + np.array([len(r) for r in rows])))
+    end = int(np.max(np.asarray(state.pos) + lengths))
     if fixed and end > min(fixed):
       raise GemmaError(f"the cache holds {min(fixed)} positions but feeding these ids reaches {end}; resize it "
                        "(cache.resize_cache) or use a rolling cache")
-    tokens, positions = _pad(rows, np.asarray(state.pos), bucket(max(map(len, rows))))
-    logits, cache = decode.prefill(self.graphdef, self.params, tokens, positions, state.cache)
-    return state.replace(logits=logits, pos=state.pos + jnp.asarray([len(r) for r in rows], jnp.int32),
-                         done=jnp.zeros_like(state.done), cache=cache)
+    tokens, positions = _pad(rows, np.asarray(state.pos), bucket(int(lengths.max())))
+    logits, cache = decode.prefill(self.graphdef, self.params, self._put(tokens, ("B", "T")),
+                                   self._put(positions, ("B", "T")), state.cache, False, self.layout)
+    return state.replace(logits=logits, pos=self._put(np.asarray(state.pos) + lengths),
+                         done=self._put(lengths == 0), cache=cache)
 
   def stream(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
              chunk: int = 8, **kwargs) -> Iterator[list[str]]:
@@ -317,11 +360,12 @@ class Model:
     result = kwargs.pop("_result", None)
     state = self.start([tok.encode(t) for t in texts], max_new_tokens, **state_kw)
     yield from self._stream_from(state, max_new_tokens, sampling, stop=stop, chunk=chunk, result=result,
-                                 **kwargs)
+                                 num_rows=len(texts), **kwargs)
 
   def _stream_from(self, state, max_new_tokens, sampling, *, stop=(), chunk=8, stop_ids=None,
-                   forbidden_ids=None, result: list | None = None) -> Iterator[list[str]]:
-    """stream() from an existing state; the final state and ids are appended to `result` if given."""
+                   forbidden_ids=None, result: list | None = None, num_rows: int = 1) -> Iterator[list[str]]:
+    """stream() from an existing state of num_rows prompts (any further rows are padding, never
+    yielded); the final state and ids are appended to `result` if given."""
     tok = self._require_tokenizer()
     stop_set = set(self.stop_ids() if stop_ids is None else stop_ids)
     rows = [_TextRow(tok, stop_set, stop) for _ in range(state.pos.shape[0])]
@@ -332,16 +376,16 @@ class Model:
         deltas = [row.add(ids) for row, ids in zip(rows, out)]
         hit = np.array([row.stopped for row in rows])
         if hit.any():
-          state = state.replace(done=state.done | jnp.asarray(hit))
-        yield deltas
+          state = state.replace(done=self._put(np.asarray(state.done) | hit))
+        yield deltas[:num_rows]
         out, state = gen.send(state)
     except StopIteration:
       pass
-    final = [row.flush() for row in rows]
+    final = [row.flush() for row in rows[:num_rows]]
     if any(final):
       yield final
     if result is not None:
-      result += [state, [row.ids for row in rows]]
+      result += [state, [row.ids for row in rows[:num_rows]]]
 
   def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
                **kwargs) -> list[Completion]:
@@ -376,15 +420,16 @@ class Model:
       raise GemmaError(f"sequence of {len(ids)} tokens exceeds the model's context of "
                        f"{self.config.max_seq_len} tokens")
     tokens, positions = _pad([ids], [0], min(bucket(len(ids)), self.config.max_seq_len))
-    out = decode.token_logprobs(self.graphdef, self.params, tokens, positions)
-    return np.asarray(out[0, :len(ids) - 1])
+    out = decode.token_logprobs(self.graphdef, self.params, self._put(tokens, ("B", "T")),
+                                self._put(positions, ("B", "T")), self.layout)
+    return np.asarray(out)[0, :len(ids) - 1]
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
     """Full-sequence logits (len(ids), V) float32 for one unpadded sequence (tests, analysis)."""
     ids = self.check_ids(ids, "token sequence")
-    tokens = jnp.asarray([ids], jnp.int32)
-    positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-    return np.asarray(decode.forward(self.graphdef, self.params, tokens, positions)[0])
+    tokens = self._put(np.asarray([ids], np.int32), ("B", "T"))
+    positions = self._put(np.arange(len(ids), dtype=np.int32)[None], ("B", "T"))
+    return np.asarray(decode.forward(self.graphdef, self.params, tokens, positions, self.layout))[0]
 
 
 class ChatSession:
@@ -453,7 +498,7 @@ class ChatSession:
     else:
       state = self._state
       if cache_len != self._cache_len or rolling != self._rolling:
-        state = state.replace(cache=resize_cache(model.config, state.cache, cache_len, rolling))
+        state = state.replace(cache=resize_cache(model.config, state.cache, cache_len, rolling, model._place))
       state = model.feed(state, [new])
       self.last_fed = len(new)
     self._state, self._cache_len, self._rolling = None, cache_len, rolling
@@ -467,11 +512,15 @@ class ChatSession:
     self.ids += new + result[1][0]
 
 
-def load(path: str | os.PathLike, dtype: str | None = None) -> Model:
+def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | None = None,
+         rules: Rules | str = GENERATION) -> Model:
   """Loads a converted checkpoint directory (see checkpoint.py) into a Model.
 
   dtype: "float32" or "bfloat16"; default: the checkpoint's config (float32 for imports).
+  mesh: a Mesh (sharding.make_mesh) or a spec such as "data=1,model=-1": each param is restored
+    straight into its sharding under `rules` (each device reads only its slice); None: one device.
   """
-  config, graphdef, params, proto = checkpoint.load(path, dtype)
+  layout = None if mesh is None else Layout(make_mesh(mesh) if isinstance(mesh, str) else mesh, get_rules(rules))
+  config, graphdef, params, proto = checkpoint.load(path, dtype, layout)
   return Model(config, graphdef, params, Tokenizer(proto) if proto is not None else None,
-               instruct=checkpoint.read_meta(path).get("instruct"))
+               instruct=checkpoint.read_meta(path).get("instruct"), layout=layout)
