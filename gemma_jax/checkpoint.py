@@ -38,9 +38,11 @@ VERSION = 2
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
-# Storage chunk size. Orbax splits the largest dimensions first (Gemma 3 270M's (V, D) embedding becomes
-# 64 chunks of 4096 rows), so a vocab-sharded slice reads only its own chunks.
-CHUNK_BYTES = 16 << 20
+# Storage chunk size. Orbax splits the largest dimensions first (Gemma 3 270M's float32 (V, D) embedding
+# becomes 16 chunks of 16384 rows), so a vocab-sharded slice reads only its own chunks. Measured on the
+# 270M: restoring it 8-way took 12 s unchunked (each slice decodes the whole 671 MB array) and 2.6 s
+# chunked; 16 MiB chunks raised the one-device restore peak from 1.26x to 1.5x the params, 64 MiB did not.
+CHUNK_BYTES = 64 << 20
 # Host bytes a restore may have in flight at least (Orbax's byte limiter); more when one slice needs it.
 MIN_RESTORE_BYTES = 256 << 20
 
@@ -203,7 +205,8 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
           for path, x in flatten(nnx.to_pure_dict(state)).items()}
   # Orbax reserves, for each slice it reads, the bytes of the stored chunks that slice touches; the limit
   # is the largest such slice (or MIN_RESTORE_BYTES), so host memory holds one slice in flight at worst.
-  limit = max([MIN_RESTORE_BYTES] + [_slice_read_bytes(flat[p], stored[p]) for p in flat])
+  # (+1: Orbax refuses a request that is not strictly below its limit.)
+  limit = max([MIN_RESTORE_BYTES] + [_slice_read_bytes(flat[p], stored[p]) for p in flat]) + 1
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit / 1e9))
   restored: dict[str, Any] = {}
   for group in _restore_groups(flat):
