@@ -1,7 +1,8 @@
 """python -m gemma_jax.chat: talk to an instruct model; the answer streams, the cache carries over.
 
   python -m gemma_jax.chat --ckpt out/gemma3-1b-it --system "Answer briefly." --temperature 0.7
-Type a message and press Enter. /reset starts over, /quit (or end of input) leaves.
+Type a message and press Enter. /reset starts over, /quit (or end of input) leaves. Across several
+hosts (--distributed), process 0 reads the input and sends each line to the others.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_model_flags, add_sampling_flags, load_model, main_wrapper, sampling_kwargs
+from .cli import add_model_flags, add_sampling_flags, load_model, main_wrapper, sampling_kwargs, start_processes
 
 
 def parse_args(argv):
@@ -26,8 +27,12 @@ def parse_args(argv):
 @main_wrapper
 def main(argv=None) -> int:
   args = parse_args(argv)
+  start_processes(args)
   model = load_model(args)
+  import jax  # noqa: PLC0415
+
   from .generate import ChatSession  # noqa: PLC0415
+  from .sharding import broadcast_text  # noqa: PLC0415
 
   kwargs = sampling_kwargs(args, model)
   stop, stop_ids, forbidden = kwargs.pop("stop"), kwargs.pop("stop_ids"), kwargs.pop("forbidden_ids")
@@ -40,9 +45,14 @@ def main(argv=None) -> int:
   session = new_session()
   interactive = sys.stdin.isatty()
   while True:
-    try:
-      line = input("> " if interactive else "")
-    except EOFError:
+    line = None
+    if jax.process_index() == 0:  # every host runs the same turns: process 0 reads, all of them run
+      try:
+        line = input("> " if interactive else "")
+      except EOFError:
+        pass
+    line = broadcast_text(line)
+    if line is None:
       break
     if line.strip() in ("/quit", "/exit"):
       break

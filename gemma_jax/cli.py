@@ -19,6 +19,27 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="runtime dtype of params and activations (default: float32 on CPU, "
                            "bfloat16 on accelerators)")
+  parser.add_argument("--mesh", metavar="SPEC",
+                      help="spread the model over devices, e.g. data=1,model=-1 (-1 takes the rest): params "
+                           "are restored straight into their shards (default: one device; with several "
+                           "processes, data=1,model=-1)")
+  parser.add_argument("--distributed", action="store_true",
+                      help="start jax.distributed first (one process per host, all running the same command; "
+                           "automatic with JAX_COORDINATOR_ADDRESS, SLURM or Open MPI); only process 0 prints")
+
+
+def start_processes(args: argparse.Namespace) -> None:
+  """Joins the other hosts when asked (--distributed) or when the environment says so, and silences
+  stdout on every process but 0, so a multi-host run prints its results once. Call before anything
+  touches the devices. Errors still reach stderr from every process."""
+  from . import sharding  # noqa: PLC0415 (keep --help fast)
+
+  if getattr(args, "distributed", False) or sharding.cluster_detected():
+    sharding.initialize_distributed()
+    import jax  # noqa: PLC0415
+
+    if jax.process_index() != 0:
+      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, default_max_new: int) -> None:
@@ -62,15 +83,18 @@ def sampling_kwargs(args: argparse.Namespace, model) -> dict:
 
 
 def load_model(args: argparse.Namespace):
-  """The Model named by --ckpt (or the default model) in the dtype of --dtype."""
+  """The Model named by --ckpt (or the default model) in the dtype of --dtype, on the --mesh."""
   import jax  # noqa: PLC0415 (keep --help fast)
 
   from .default_model import default_checkpoint  # noqa: PLC0415
   from .generate import load  # noqa: PLC0415
+  from .sharding import DEFAULT_MESH, make_mesh  # noqa: PLC0415
 
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  path = args.ckpt or default_checkpoint(progress=sys.stderr.isatty())
-  return load(path, dtype=dtype)
+  spec = args.mesh or (DEFAULT_MESH if jax.process_count() > 1 else None)
+  mesh = make_mesh(spec) if spec else None  # before the checkpoint: a bad spec fails at once
+  path = args.ckpt or default_checkpoint(progress=sys.stderr.isatty() and jax.process_index() == 0)
+  return load(path, dtype=dtype, mesh=mesh)
 
 
 def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

@@ -11,7 +11,7 @@ import math
 import pathlib
 import sys
 
-from .cli import add_model_flags, load_model, main_wrapper
+from .cli import add_model_flags, load_model, main_wrapper, start_processes
 from .errors import GemmaError
 
 
@@ -39,6 +39,7 @@ def read_tokens_file(path: str) -> list[int]:
 @main_wrapper
 def main(argv=None) -> int:
   args = parse_args(argv)
+  start_processes(args)
   if args.tokens_file is not None:
     ids = read_tokens_file(args.tokens_file)
     model = load_model(args)
