@@ -134,7 +134,7 @@ def test_sharded_generation_equals_one_device(name, spec):
     ("tiny_gemma2_gqa", "data=2,model=4", {"K": "model", "N": "model"}, {"B": "data", "K": "model"}),
     ("tiny_gemma2_gqa", "data=1,model=8", {"K": None, "N": "model", "F": "model"}, {"K": None}),
     # MHA: every head projection split by heads.
-    ("tiny_gemma1_mha", "data=1,model=8", {"N": "model", "H": None}, {"K": "model"}),
+    ("tiny_gemma1_mha", "data=1,model=8", {"K": "model", "N": "model", "H": None}, {"K": "model"}),
 ])
 def test_fallbacks_for_heads_that_do_not_divide_the_model_axis(name, spec, params, cache):
   """Spelled out per logical axis: each named dimension of every param (and of the cache's k and v)."""
@@ -248,7 +248,8 @@ def test_importers_write_checkpoints_that_restore_into_a_mesh(tmp_path, small_ch
   write_gguf(tmp_path / "m.gguf", gguf_cfg, flat_of(gguf_cfg))
   # The official importer takes a preset's config: the prime-sized one, whose 6 heads and 2 kv heads
   # split over a model axis of 2 (as do the HF folder's).
-  ocp.PyTreeCheckpointer().save(tmp_path / "official", official_layout(flat_of(TINY_PRESETS["tiny_gemma2_gqa"])))
+  official = TINY_PRESETS["tiny_gemma2_gqa"]
+  ocp.PyTreeCheckpointer().save(tmp_path / "official", official_layout(official, flat_of(official)))
   sources = {"gguf": (tmp_path / "m.gguf", None, "data=2,model=4"),
              "official": (tmp_path / "official", "tiny_gemma2_gqa", "data=4,model=2"),
              "hf": (pathlib.Path(__file__).parent.parent / "data" / "hf_tiny" / "gemma2_gqa", None, "data=4,model=2")}
