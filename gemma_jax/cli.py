@@ -38,8 +38,9 @@ def start_processes(args: argparse.Namespace) -> None:
     sharding.initialize_distributed()
     import jax  # noqa: PLC0415
 
-    if jax.process_index() != 0:
-      sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    if jax.process_index() != 0:  # at the file-descriptor level: native libraries' output too
+      sys.stdout.flush()
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, default_max_new: int) -> None:
