@@ -32,12 +32,23 @@ class LayerCache:
     v: (B, S, K, H) values.
     pos: (B, S) int32 position held by each slot, EMPTY (-1) if none.
     ring: static; True for a sliding-window ring buffer.
+    shardings: static; where k, v and pos live on a mesh ({field: Sharding}), None on one device.
   """
 
   k: jax.Array
   v: jax.Array
   pos: jax.Array
   ring: bool = struct.field(pytree_node=False, default=False)
+  shardings: tuple[tuple[str, jax.sharding.Sharding], ...] | None = struct.field(pytree_node=False, default=None)
+
+  def _placed(self, field: str, x: jax.Array) -> jax.Array:
+    """x, laid out like this cache's `field`, constrained to where that array lives.
+
+    Without it XLA may compute a write split another way than the cache and gather the result back:
+    for GQA with kv heads that do not divide the model axis it split the scatter over K and all-gathered
+    the whole layer's cache on every decode step.
+    """
+    return x if self.shardings is None else jax.lax.with_sharding_constraint(x, dict(self.shardings)[field])
 
   @property
   def num_slots(self) -> int:
@@ -59,11 +70,12 @@ class LayerCache:
     else:
       slots = jnp.where(valid, positions, s)
     rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
-    # mode="drop": slot index s is out of bounds on purpose for padding and superseded tokens.
+    # mode="drop": slot index s is out of bounds on purpose for padding and superseded tokens. The
+    # updates have the cache's layout (T in place of S), so they take the cache's sharding.
     return self.replace(
-        k=self.k.at[rows, slots].set(k_new.astype(self.k.dtype), mode="drop"),
-        v=self.v.at[rows, slots].set(v_new.astype(self.v.dtype), mode="drop"),
-        pos=self.pos.at[rows, slots].set(positions, mode="drop"),
+        k=self._placed("k", self.k).at[rows, slots].set(self._placed("k", k_new.astype(self.k.dtype)), mode="drop"),
+        v=self._placed("v", self.v).at[rows, slots].set(self._placed("v", v_new.astype(self.v.dtype)), mode="drop"),
+        pos=self._placed("pos", self.pos).at[rows, slots].set(self._placed("pos", positions), mode="drop"),
     )
 
 
@@ -92,16 +104,15 @@ def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None,
     raise ValueError(f"cache needs batch_size >= 1 and cache_len >= 1, got {batch_size}, {cache_len}")
   dtype = jnp.dtype(dtype or config.dtype)
 
-  def full(field: str, slots: int, value, dt) -> jax.Array:
+  def layer(slots: int, ring: bool) -> LayerCache:
     sizes = {"B": batch_size, "S": slots, "K": config.num_kv_heads, "H": config.head_dim}
-    axes = CACHE_AXES[field]
-    shape = tuple(sizes[a] for a in axes)
-    return jnp.full(shape, value, dt, device=place(axes, shape) if place else None)
+    shapes = {f: tuple(sizes[a] for a in axes) for f, axes in CACHE_AXES.items()}
+    where = {f: place(CACHE_AXES[f], shape) for f, shape in shapes.items()} if place else {}
+    full = lambda f, value, dt: jnp.full(shapes[f], value, dt, device=where.get(f))
+    return LayerCache(k=full("k", 0, dtype), v=full("v", 0, dtype), pos=full("pos", EMPTY, jnp.int32), ring=ring,
+                      shardings=tuple(where.items()) if place else None)
 
-  return tuple(
-      LayerCache(k=full("k", s, 0, dtype), v=full("v", s, 0, dtype), pos=full("pos", s, EMPTY, jnp.int32),
-                 ring=rolling or t == LOCAL)
-      for s, t in zip(layer_slots(config, cache_len), config.attention_types))
+  return tuple(layer(s, rolling or t == LOCAL) for s, t in zip(layer_slots(config, cache_len), config.attention_types))
 
 
 def resize_cache(config: ModelConfig, cache: Cache, cache_len: int, rolling: bool = False,

@@ -156,6 +156,26 @@ def test_fallbacks_for_heads_that_do_not_divide_the_model_axis(name, spec, param
   assert seen >= {(False, d) for d in params} | {(True, d) for d in cache}
 
 
+def test_a_decode_step_never_gathers_a_layers_cache():
+  """GQA whose kv heads (2) do not divide the model axis (4) while the query heads do: XLA once split
+  the cache write over K and all-gathered every layer's cache on each step. The write is pinned to the
+  cache's sharding, so what the step gathers for it is the new token's k and v, not the cache."""
+  import re
+
+  cfg = CONFIGS["tiny_gemma3_qk"].replace(sliding_window=16)
+  model = random_model(cfg).shard("data=2,model=4")
+  state = model.start([[2, 3, 4], [2, 5]], 8, cache_len=64)
+  args = (model.graphdef, model.params, state, model._batch_sampling(make_sampling(2), 2), model._put(np.int32(4)),
+          model._put(np.array([-2], np.int32)), model._put(np.ones(cfg.vocab_size, bool)), 8, model.layout)
+  hlo = decode.decode_loop.lower(*args).compile().as_text()
+  smallest = min(min(s.data.size for s in layer.k.addressable_shards) for layer in state.cache)  # 1*16*2*16
+  gathered = [(int(np.prod([int(d) for d in re.findall(r"\d+", shape)])), line.strip()[:200])
+              for line in hlo.splitlines() if " all-gather(" in line and re.search(r"/(scatter|sharding_constraint)\"", line)
+              for shape in [re.search(r"= \w+\[([\d,]*)\]", line).group(1)]]
+  assert gathered, "expected the new token's k and v to be gathered"
+  assert max(n for n, _ in gathered) < smallest, max(gathered)
+
+
 def test_prime_sized_model_replicates_what_does_not_divide_and_still_matches():
   model = random_model(TINY_PRESETS["tiny_gemma1_mqa"])  # N=3, F=67, V=251: nothing divides 4
   want = model.generate_ids(PROMPTS, max_new_tokens=8, stop_ids=[])
