@@ -267,12 +267,6 @@ class Layout:
         lambda path, var: var.replace(jax.device_put(var.get_value(), shardings[_path(path)])),
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-  def cache_shardings(self, cache: Cache) -> Cache:
-    """The cache's pytree with a NamedSharding in place of each array (from cache.CACHE_AXES)."""
-    return tuple(layer.replace(**{f: self.sharding(axes, getattr(layer, f).shape, f"cache layer {i} {f}")
-                                  for f, axes in CACHE_AXES.items()})
-                 for i, layer in enumerate(cache))
-
   def put(self, x, axes: tuple[str, ...] | None = None) -> jax.Array:
     """A host array placed as a batch input with these logical axes (None: replicated).
 

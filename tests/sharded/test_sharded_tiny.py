@@ -169,9 +169,11 @@ def test_a_decode_step_never_gathers_a_layers_cache():
           model._put(np.array([-2], np.int32)), model._put(np.ones(cfg.vocab_size, bool)), 8, model.layout)
   hlo = decode.decode_loop.lower(*args).compile().as_text()
   smallest = min(min(s.data.size for s in layer.k.addressable_shards) for layer in state.cache)  # 1*16*2*16
-  gathered = [(int(np.prod([int(d) for d in re.findall(r"\d+", shape)])), line.strip()[:200])
-              for line in hlo.splitlines() if " all-gather(" in line and re.search(r"/(scatter|sharding_constraint)\"", line)
-              for shape in [re.search(r"= \w+\[([\d,]*)\]", line).group(1)]]
+  gathered = []  # (elements, line) of each all-gather made for the cache write
+  for line in hlo.splitlines():
+    if " all-gather(" in line and re.search(r"/(scatter|sharding_constraint)\"", line):
+      dims = re.search(r"= \w+\[([\d,]*)\]", line).group(1)
+      gathered.append((int(np.prod([int(d) for d in dims.split(",")])), line.strip()[:200]))
   assert gathered, "expected the new token's k and v to be gathered"
   assert max(n for n, _ in gathered) < smallest, max(gathered)
 
