@@ -224,6 +224,9 @@ model.params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.sh
 model = model.shard(sys.argv[1])
 tokens = model.generate_ids(json.loads(sys.argv[2]), max_new_tokens=10, stop_ids=[])
 print(json.dumps(tokens))
+# What chat does with its input: process 0's line (or end of input) reaches every process.
+lines = [sharding.broadcast_text("héllo" if jax.process_index() == 0 else "not this"), sharding.broadcast_text(None)]
+print("broadcast", json.dumps(lines), file=sys.stderr)
 """
 
 
@@ -235,7 +238,7 @@ def free_port() -> int:
 
 def test_two_hosts_generate_what_one_device_does():
   """Two processes of 4 CPU devices each, joined by jax.distributed (gloo collectives): a batch of 3 is
-  padded to data=2, split over the hosts, and only process 0 prints."""
+  padded to data=2, split over the hosts, and only process 0 prints; text read by process 0 reaches both."""
   prompts = [[2, 17, 33, 5, 101, 7], [2, 9, 8], [2, 40, 41, 42, 43]]
   model = gj.Model.random(TINY_PRESETS["tiny_gemma3_qk"].replace(
       vocab_size=256, embed_dim=48, hidden_dim=64, num_heads=8, num_kv_heads=2), seed=2)
@@ -261,3 +264,5 @@ def test_two_hosts_generate_what_one_device_does():
   # Gloo (JAX's CPU collectives) logs its connections on stdout; the result is the last line.
   assert json.loads(outs[0][0].splitlines()[-1]) == want
   assert outs[1][0] == ""  # process 1 printed nothing
+  for _, err in outs:
+    assert 'broadcast ["h\\u00e9llo", null]' in err
