@@ -1,14 +1,33 @@
-"""Shared fixtures. Tests run on CPU in float32; the real Gemma 3 270M is converted once per session."""
+"""Shared fixtures. Tests run on CPU in float32; the real Gemma 3 270M is converted once per session.
+
+tests/sharded needs 8 devices, and XLA reads the device count once, when JAX starts: it runs in a session
+of its own, started by tests/test_sharding.py, or directly with
+  GEMMA_JAX_SHARDED=1 python -m pytest -q tests/sharded
+Without GEMMA_JAX_SHARDED=1 (the main session, one device) it is not collected. (Its settings live here:
+a second conftest.py would shadow this one for `from conftest import DATA`.)
+"""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+SHARDED = os.environ.get("GEMMA_JAX_SHARDED") == "1"
+if SHARDED and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # Before JAX starts (it starts lazily, on first use).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
+collect_ignore_glob = [] if SHARDED else ["sharded/*"]
+
+
+@pytest.fixture(scope="session", autouse=SHARDED)
+def eight_devices():
+  import jax
+
+  assert jax.device_count() == 8, f"the sharded tests need 8 devices, JAX has {jax.device_count()}"
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +40,11 @@ def gguf_270m() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def ckpt_270m(gguf_270m, tmp_path_factory) -> pathlib.Path:
-  """The 270M converted with our GGUF importer, once per test session."""
+  """The 270M converted with our GGUF importer, once per test session (or the one GEMMA_JAX_CKPT_270M
+  names: the main session passes its own to the sharded one)."""
+  given = os.environ.get("GEMMA_JAX_CKPT_270M")
+  if given:
+    return pathlib.Path(given)
   from gemma_jax.convert import convert
 
   return convert(gguf_270m, tmp_path_factory.mktemp("ckpt") / "gemma3_270m")
