@@ -44,6 +44,8 @@ ENGINES = {
     "official": ("gemma gm", "official.py", lambda a: a.official_python),
     "hf": ("HF transformers", "hf.py", lambda a: a.hf_python),
 }
+# The peers' venvs (benchmarks/README.md): $VENVS/gemma_official and $VENVS/ref311.
+VENVS = os.environ.get("VENVS", os.path.expanduser("~/venvs"))
 SHORT_PROMPT = "The capital of France is"
 
 
@@ -310,8 +312,8 @@ def main():
   ap.add_argument("--ckpt", default=None,
                   help="our converted checkpoint (made from the GGUF on first use)")
   ap.add_argument("--ours-python", default=sys.executable)
-  ap.add_argument("--official-python", default="/work/venvs/gemma_official/bin/python")
-  ap.add_argument("--hf-python", default="/work/venvs/ref311/bin/python")
+  ap.add_argument("--official-python", default=os.path.join(VENVS, "gemma_official", "bin", "python"))
+  ap.add_argument("--hf-python", default=os.path.join(VENVS, "ref311", "bin", "python"))
   ap.add_argument("--wait-load", type=float, default=0.0,
                   help="wait up to this many seconds for the 1-minute load average to drop below 0.5")
   ap.add_argument("--timeout", type=float, default=600)

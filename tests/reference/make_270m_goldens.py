@@ -4,7 +4,7 @@ Independent reference for gemma_jax: transformers' own GGUF loader dequantizes t
 Gemma3ForCausalLM (eager attention), and its GGUF tokenizer makes the prompt ids. Run with the Python 3.11
 reference venv (see tests/reference/README.md):
 
-    /work/venvs/ref311/bin/python tests/reference/make_270m_goldens.py
+    $VENVS/ref311/bin/python tests/reference/make_270m_goldens.py
 
 Writes tests/data/golden_270m.json: per prompt "text", "ids" (BOS first), per position "topk_ids" and
 "topk_logits" (k=8, raw float32 logits, exact as Python floats), "logprobs" (log-softmax of the actual next

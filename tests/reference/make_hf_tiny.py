@@ -3,7 +3,7 @@
 Independent reference for gemma_jax: the numbers come from Hugging Face transformers (PyTorch, float32,
 eager attention), not from our code. Run with the Python 3.11 reference venv (see tests/reference/README.md):
 
-    /work/venvs/ref311/bin/python tests/reference/make_hf_tiny.py
+    $VENVS/ref311/bin/python tests/reference/make_hf_tiny.py
 
 Writes, for each config NAME below, tests/data/hf_tiny/NAME/:
   config.json, generation_config.json, model.safetensors (or shards + model.safetensors.index.json)
