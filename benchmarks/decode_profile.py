@@ -124,9 +124,9 @@ def hlo_weight_copies(model, batch):
   st = decode.DecodeState(logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
                           pos=jnp.full((batch,), 128, jnp.int32), done=jnp.zeros((batch,), bool),
                           step=jnp.int32(0), cache=c)
-  txt = decode.decode_loop.lower(model.graphdef, model.params, st, make_sampling(batch), jnp.int32(8),
-                                 jnp.asarray([-2], jnp.int32), jnp.ones((cfg.vocab_size,), bool),
-                                 128).compile().as_text()
+  txt = decode.Decoder.decode_loop.lower(model.decoder.with_capacity(128), model.params, st, make_sampling(batch),
+                                        jnp.int32(8), jnp.asarray([-2], jnp.int32),
+                                        jnp.ones((cfg.vocab_size,), bool)).compile().as_text()
   entry = txt[txt.index("\nENTRY"):]
   body = _computation(txt, re.search(r" while\(.*?body=%([\w.\-]+)", entry).group(1))
   copy_pat = r"%(?:copy|slice|transpose|convert)[\w.\-]* = (f32|bf16)\[([0-9,]+)\]\{[0-9,]*\} (?:fusion|copy|transpose|slice|convert)\("

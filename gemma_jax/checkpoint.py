@@ -4,7 +4,7 @@
   DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections: layer_0/attn/q_einsum/w (D, N, H))
   DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
 
-The only module that imports Orbax. Restores go straight into the requested dtype and shardings after
+The only module that imports Orbax (with train.py's CheckpointManager). Restores go straight into the requested dtype and shardings after
 the stored shapes are checked against the config, so a mismatch names the parameter and both shapes
 instead of failing deep inside Orbax or, worse, restoring silently.
 
@@ -15,8 +15,8 @@ would be decoded whole for every slice).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
 import pathlib
 from typing import Any, Callable
@@ -30,7 +30,8 @@ from flax import nnx
 from .configs import ModelConfig
 from .errors import GemmaError
 from .sharding import Layout
-from .transformer import Transformer
+from .transformer import abstract_model, flat_params, param_shapes, set_flat_params, state_path
+from .tree import flatten, unflatten
 
 FORMAT = "gemma_jax"
 # 2: D-major projection layouts (q (D, N, H), kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones.
@@ -46,49 +47,14 @@ CHUNK_BYTES = 64 << 20
 # Host bytes a restore may have in flight at least (Orbax's byte limiter); more when one slice needs it.
 MIN_RESTORE_BYTES = 256 << 20
 
-# Orbax logs every save and restore at INFO; keep users' logs for their own messages.
-logging.getLogger("absl").setLevel(logging.WARNING)
 
+def check_params(config: ModelConfig, found: dict[str, tuple[int, ...]], where: str,
+                 expected: dict[str, tuple[int, ...]] | None = None) -> None:
+  """Raises GemmaError naming each missing, unexpected or mis-shaped parameter (official flat names).
 
-def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graph definition and its params as ShapeDtypeStructs (nothing allocated)."""
-  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  return nnx.split(model)
-
-
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """{'layer_0/attn/q_einsum/w': (D, N, H), ...}: every parameter's shape for this config."""
-  _, state = abstract_model(config)
-  return {path: tuple(x.shape) for path, x in flatten(nnx.to_pure_dict(state)).items()}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested dict -> {'a/b/c': leaf}."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(flatten(value, path + "/"))
-    else:
-      out[path] = value
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  """{'a/b/c': leaf} -> nested dict."""
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-def check_params(config: ModelConfig, found: dict[str, tuple[int, ...]], where: str) -> None:
-  """Raises GemmaError naming each missing, unexpected or mis-shaped parameter (flat paths)."""
-  expected = param_shapes(config)
+  expected: transformer.param_shapes(config), when the caller already has it.
+  """
+  expected = param_shapes(config) if expected is None else expected
   problems = []
   for path, shape in expected.items():
     if path not in found:
@@ -155,13 +121,17 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
-def read_config(directory: str | os.PathLike) -> ModelConfig:
-  """The ModelConfig stored in a checkpoint directory."""
-  meta = read_meta(directory)
+def config_from_meta(meta: dict[str, Any], directory: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig in a checkpoint's config.json (read_meta's result)."""
   try:
     return ModelConfig.from_dict(meta["config"])
   except (KeyError, TypeError, ValueError) as e:
     raise GemmaError(f"{pathlib.Path(directory) / CONFIG_FILE}: invalid model config: {e}") from None
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig stored in a checkpoint directory."""
+  return config_from_meta(read_meta(directory), directory)
 
 
 def stored_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -176,11 +146,6 @@ def stored_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   return flatten(tree)
 
 
-def stored_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-  """Flat {path: shape} of the params stored in a checkpoint, read from Orbax metadata only."""
-  return {k: tuple(v.shape) for k, v in stored_metadata(directory).items()}
-
-
 def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layout | None = None
                 ) -> tuple[nnx.GraphDef, nnx.State]:
   """Restores params into config.dtype, each directly into its target sharding.
@@ -193,16 +158,18 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
   """
   directory = pathlib.Path(directory).absolute()
   stored = stored_metadata(directory)
-  check_params(config, {k: tuple(v.shape) for k, v in stored.items()}, str(directory))
   graphdef, state = abstract_model(config)
+  abstract = flat_params(state)  # official names, as stored
+  check_params(config, {k: tuple(v.shape) for k, v in stored.items()}, str(directory),
+               {p: tuple(x.shape) for p, x in abstract.items()})
   dtype = jnp.dtype(config.dtype)
   if layout is not None:
-    shardings = layout.param_shardings(state)
+    shardings = layout.param_shardings(state)  # keyed by module-tree paths
   else:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = {path: default for path in flatten(nnx.to_pure_dict(state))}
-  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=shardings[path])
-          for path, x in flatten(nnx.to_pure_dict(state)).items()}
+    shardings = {state_path(path): default for path in abstract}
+  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=shardings[state_path(path)])
+          for path, x in abstract.items()}
   # Orbax reserves, for each slice it reads, the bytes of the stored chunks that slice touches; the limit
   # is the largest such slice (or MIN_RESTORE_BYTES), so host memory holds one slice in flight at worst.
   # (+1: Orbax refuses a request that is not strictly below its limit.)
@@ -216,7 +183,7 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
     part = checkpointer.restore(directory / PARAMS_DIR, args=ocp.args.PyTreeRestore(
         item=target, restore_args=args, partial_restore=True))
     restored.update(flatten(part))
-  nnx.replace_by_pure_dict(state, unflatten(restored))
+  set_flat_params(state, restored)
   return graphdef, state
 
 
@@ -254,14 +221,25 @@ def _restore_groups(flat: dict[str, jax.ShapeDtypeStruct], parts: int = 8) -> li
   return groups + [current] if current else groups
 
 
-def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout | None = None
-         ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, bytes | None]:
-  """(config, graphdef, params, tokenizer proto or None) from a checkpoint directory.
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """Everything a checkpoint directory holds, read once."""
+
+  config: ModelConfig
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  tokenizer_proto: bytes | None
+  meta: dict[str, Any]  # config.json: source, instruct, ...
+
+
+def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout | None = None) -> Loaded:
+  """Config, graphdef, params, tokenizer proto and metadata from a checkpoint directory.
 
   dtype: "float32" or "bfloat16" to override the stored config's runtime dtype.
   layout: restore each param straight into the mesh's sharding (see load_params).
   """
-  config = read_config(directory)
+  meta = read_meta(directory)
+  config = config_from_meta(meta, directory)
   if dtype is not None:
     try:
       config = config.replace(dtype=dtype)
@@ -269,7 +247,7 @@ def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout 
       raise GemmaError(str(e)) from None
   graphdef, params = load_params(directory, config, layout)
   tok_path = pathlib.Path(directory) / TOKENIZER_FILE
-  return config, graphdef, params, (tok_path.read_bytes() if tok_path.is_file() else None)
+  return Loaded(config, graphdef, params, tok_path.read_bytes() if tok_path.is_file() else None, meta)
 
 
 def read_orbax_tree(path: str | os.PathLike) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:

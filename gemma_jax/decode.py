@@ -1,66 +1,33 @@
-"""The jitted core: full forward, prefill and the decode loop. The library's only jit site.
+"""The jitted inference core: full forward, prefill, the decode loop and token log-probs.
 
-Params and the cache are jit arguments (the cache donated), never closure constants; the graph
-definition is static. Values a user varies per call (max_new_tokens, sampling settings, seeds, stop and
-forbidden ids) are traced, so changing them does not recompile; only shapes (batch, bucketed prompt
-length, cache length, output capacity) do.
+The library's inference jit site. What must recompile when it changes lives in one frozen, hashable
+`Decoder` (graph definition, sharding layout, output capacity) passed to jit as the static `self`;
+everything a user varies per call (max_new_tokens, sampling settings, seeds, stop and forbidden ids) is
+traced, so changing it does not recompile; only shapes (batch, bucketed prompt length, cache length) and
+the Decoder do. Params and the cache are jit arguments (the cache donated), never closure constants.
 
-Sharded runs pass a static `layout` (sharding.Layout): params, cache and batch arrive placed by its rules
-and XLA partitions the computation from them; the outputs are constrained back to the rules (the cache
-where it came from, so donation reuses it; what the host reads replicated, so every process can read it).
+Sharded runs carry a `layout` (sharding.Layout): params, cache and batch arrive placed by its rules and
+XLA partitions the computation from them; the outputs are constrained back to the rules (the cache where
+it came from, so donation reuses it; what the host reads replicated, so every process can read it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
-from flax import struct
+from flax import nnx, struct
 
 from .cache import Cache
 from .sampling import Sampling, next_token
 from .sharding import Layout, constrain, constrain_cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            layout: Layout | None = None) -> jax.Array:
-  """Full-sequence forward without a cache: tokens, positions (B, T) -> float32 logits (B, T, V).
-
-  With a layout the logits come back replicated (the host reads them).
-  """
-  model = nnx.merge(graphdef, params)
-  hidden, _ = model(tokens, positions)
-  return constrain(layout, model.logits(hidden))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=4)
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            cache: Cache, fresh: bool = False, layout: Layout | None = None) -> tuple[jax.Array, Cache]:
-  """Runs a (padded) prompt chunk through the model and the cache.
-
-  Args:
-    tokens, positions: (B, T); positions -1 mark padding.
-    fresh: static; the cache is empty, so attention skips its slots (a first prefill: for a 512-token
-      prompt in a 1024-slot cache that is 2/3 of the attention work).
-    layout: static; the sharding rules the inputs are placed by (None: one device).
-  Returns:
-    logits (B, V) float32 at each row's last (highest-position) token -- the only position whose
-    logits are computed -- and the cache with the chunk written.
-  """
-  model = nnx.merge(graphdef, params)
-  hidden, cache = model(tokens, positions, cache, fresh)
-  last = jnp.argmax(positions, axis=1)
-  hidden_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-  return constrain(layout, model.logits(hidden_last)[:, 0], ("B", "V")), constrain_cache(layout, cache)
-
-
 @struct.dataclass
 class DecodeState:
-  """Where generation stands between calls of decode_loop; all arrays, so it is a jit argument.
+  """Where generation stands between calls of Decoder.decode_loop; all arrays, so it is a jit argument.
 
   Attributes:
     logits: (B, V) float32 logits of each row's next token.
@@ -77,62 +44,97 @@ class DecodeState:
   cache: Cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=2)
-def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, sampling: Sampling,
-                max_steps: jax.Array, stop_ids: jax.Array, allowed: jax.Array, capacity: int,
-                layout: Layout | None = None) -> tuple[jax.Array, DecodeState]:
-  """Draws up to max_steps tokens per row in a lax.while_loop; rows stop on their own.
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """The static half of inference: one compiled program per Decoder and input shapes.
 
-  Each drawn token is fed back (a stop token too, so a conversation can continue from the cache).
-  Args:
-    max_steps: traced int32 <= capacity.
-    stop_ids: (X,) int32 ids that end a row (kept in the output).
-    allowed: (V,) bool; tokens outside it (embedding padding rows, forbidden tokens) are never drawn.
-    capacity: static size of the output buffer.
-    layout: static; the sharding rules the inputs are placed by (None: one device).
-  Returns:
-    tokens (B, capacity) int32, -1 where a row drew nothing, and the state to continue from. With a
-    layout, tokens, pos, done and step are replicated (hosts read them) and logits and cache are placed
-    by the rules.
+  Attributes:
+    graphdef: the model's graph definition (nnx.split); the params travel separately.
+    layout: the mesh and rules inputs are placed by (None: one device).
+    capacity: tokens one decode_loop call can draw (the size of its output buffer).
   """
-  model = nnx.merge(graphdef, params)
 
-  def cond(carry):
-    i, _, st = carry
-    return (i < max_steps) & ~jnp.all(st.done)
+  graphdef: nnx.GraphDef
+  layout: Layout | None = None
+  capacity: int = 32
 
-  def body(carry):
-    i, out, st = carry
-    tok = next_token(jnp.where(allowed, st.logits, -jnp.inf), sampling, st.step)
-    tok = jnp.where(st.done, -1, tok)
-    out = out.at[:, i].set(tok)
-    # Done rows feed padding (position -1): nothing is written to their cache slots.
-    hidden, cache = model(jnp.maximum(tok, 0)[:, None], jnp.where(st.done, -1, st.pos)[:, None], st.cache)
-    st = DecodeState(logits=model.logits(hidden)[:, 0], pos=st.pos + (~st.done).astype(jnp.int32),
-                     done=st.done | jnp.isin(tok, stop_ids), step=st.step + 1, cache=cache)
-    return i + 1, out, placed(st)
+  def with_capacity(self, capacity: int) -> "Decoder":
+    return self if capacity == self.capacity else dataclasses.replace(self, capacity=capacity)
 
-  def placed(st: DecodeState) -> DecodeState:
-    return DecodeState(logits=constrain(layout, st.logits, ("B", "V")), pos=constrain(layout, st.pos),
-                       done=constrain(layout, st.done), step=constrain(layout, st.step),
-                       cache=constrain_cache(layout, st.cache))
+  @functools.partial(jax.jit, static_argnums=0)
+  def forward(self, params: nnx.State, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Full-sequence forward without a cache: tokens, positions (B, T) -> float32 logits (B, T, V).
 
-  out = constrain(layout, jnp.full((state.pos.shape[0], capacity), -1, jnp.int32))
-  _, out, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out, placed(state)))
-  return constrain(layout, out), placed(state)
+    With a layout the logits come back replicated (the host reads them).
+    """
+    model = nnx.merge(self.graphdef, params)
+    return constrain(self.layout, model.logits(model(tokens, positions).hidden))
 
+  @functools.partial(jax.jit, static_argnums=0, static_argnames="fresh", donate_argnums=4)
+  def prefill(self, params: nnx.State, tokens: jax.Array, positions: jax.Array, cache: Cache, fresh: bool = False
+              ) -> tuple[jax.Array, Cache]:
+    """Runs a (padded) prompt chunk through the model and the cache.
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-                   layout: Layout | None = None) -> jax.Array:
-  """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T) -> (B, T-1) float32.
+    Args:
+      tokens, positions: (B, T); positions -1 mark padding.
+      fresh: static; the cache is empty, so attention skips its slots (a first prefill: for a 512-token
+        prompt in a 1024-slot cache that is 2/3 of the attention work).
+    Returns:
+      logits (B, V) float32 at each row's last (highest-position) token -- the only position whose
+      logits are computed -- and the cache with the chunk written.
+    """
+    model = nnx.merge(self.graphdef, params)
+    out = model(tokens, positions, cache, fresh=fresh, last_only=True)
+    return constrain(self.layout, model.logits(out.hidden)[:, 0], ("B", "V")), constrain_cache(self.layout, out.cache)
 
-  Normalised over every embedding row, as the model defines the distribution. With a layout the
-  result is replicated and the (B, T, V) logits stay sharded by the rules (never gathered).
-  """
-  model = nnx.merge(graphdef, params)
-  hidden, _ = model(tokens, positions)
-  logits = model.logits(hidden)[:, :-1]
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-  return constrain(layout, target - logz)
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+  def decode_loop(self, params: nnx.State, state: DecodeState, sampling: Sampling, max_steps: jax.Array,
+                  stop_ids: jax.Array, allowed: jax.Array) -> tuple[jax.Array, DecodeState]:
+    """Draws up to max_steps tokens per row in a lax.while_loop; rows stop on their own.
+
+    Each drawn token is fed back (a stop token too, so a conversation can continue from the cache).
+    Args:
+      max_steps: traced int32 <= capacity.
+      stop_ids: (X,) int32 ids that end a row (kept in the output).
+      allowed: (V,) bool; tokens outside it (embedding padding rows, forbidden tokens) are never drawn.
+    Returns:
+      tokens (B, capacity) int32, -1 where a row drew nothing, and the state to continue from. With a
+      layout, tokens, pos, done and step are replicated (hosts read them) and logits and cache are
+      placed by the rules.
+    """
+    model, layout = nnx.merge(self.graphdef, params), self.layout
+
+    def placed(st: DecodeState) -> DecodeState:
+      return DecodeState(logits=constrain(layout, st.logits, ("B", "V")), pos=constrain(layout, st.pos),
+                         done=constrain(layout, st.done), step=constrain(layout, st.step),
+                         cache=constrain_cache(layout, st.cache))
+
+    def cond(carry):
+      i, _, st = carry
+      return (i < max_steps) & ~jnp.all(st.done)
+
+    def body(carry):
+      i, out, st = carry
+      tok = next_token(jnp.where(allowed, st.logits, -jnp.inf), sampling, st.step)
+      tok = jnp.where(st.done, -1, tok)
+      out = out.at[:, i].set(tok)
+      # Done rows feed padding (position -1): nothing is written to their cache slots.
+      step = model(jnp.maximum(tok, 0)[:, None], jnp.where(st.done, -1, st.pos)[:, None], st.cache)
+      st = DecodeState(logits=model.logits(step.hidden)[:, 0], pos=st.pos + (~st.done).astype(jnp.int32),
+                       done=st.done | jnp.isin(tok, stop_ids), step=st.step + 1, cache=step.cache)
+      return i + 1, out, placed(st)
+
+    out = constrain(layout, jnp.full((state.pos.shape[0], self.capacity), -1, jnp.int32))
+    _, out, state = jax.lax.while_loop(cond, body, (jnp.int32(0), out, placed(state)))
+    return constrain(layout, out), placed(state)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def token_logprobs(self, params: nnx.State, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T) -> (B, T-1) float32.
+
+    With a layout the result is replicated and the (B, T, V) logits stay sharded by the rules (never
+    gathered).
+    """
+    model = nnx.merge(self.graphdef, params)
+    hidden = model(tokens, positions).hidden
+    return constrain(self.layout, model.token_logprobs(hidden[:, :-1], tokens[:, 1:]))

@@ -20,6 +20,7 @@ from .errors import GemmaError
 from .sampling import Sampling, make_sampling
 from .sharding import GENERATION, Layout, Rules, get_rules, make_mesh
 from .tokenizer import Tokenizer
+from .transformer import abstract_model, flat_params, set_flat_params
 
 MIN_BUCKET = 32
 
@@ -149,12 +150,12 @@ class Model:
 
     Drawn with numpy: compiling JAX's threefry for every parameter takes longer than the tests.
     """
-    graphdef, state = checkpoint.abstract_model(config)
+    graphdef, state = abstract_model(config)
     rng = np.random.default_rng(seed)
-    flat = checkpoint.flatten(nnx.to_pure_dict(state))
     draw = lambda path, x: (np.zeros(x.shape) if path.endswith("/scale") else 0.02 * rng.standard_normal(x.shape))
-    values = {path: jnp.asarray(draw(path, x), x.dtype) for path, x in flat.items()}
-    nnx.replace_by_pure_dict(state, checkpoint.unflatten(values))
+    # In sorted official-name order: the draws do not depend on how the module tree orders its params.
+    abstract = flat_params(state)
+    set_flat_params(state, {p: jnp.asarray(draw(p, abstract[p]), abstract[p].dtype) for p in sorted(abstract)})
     return cls(config, graphdef, state, tokenizer)
 
   def shard(self, mesh: Mesh | str, rules: Rules | str = GENERATION) -> "Model":
@@ -170,6 +171,11 @@ class Model:
   def _put(self, x, axes: tuple[str, ...] | None = None) -> jax.Array:
     """A host value as a jit input: placed by the layout's rules (None: replicated), else on one device."""
     return jnp.asarray(x) if self.layout is None else self.layout.put(x, axes)
+
+  @property
+  def decoder(self) -> decode.Decoder:
+    """The static half of this model's compiled programs (graph definition and layout)."""
+    return decode.Decoder(self.graphdef, self.layout)
 
   @property
   def _place(self):
@@ -267,8 +273,8 @@ class Model:
     idle = b - len(rows)  # padding rows: no tokens (positions -1), done from the start
     tokens, positions = _pad(rows + [[]] * idle, [0] * b, t_pad)
     cache = init_cache(self.config, b, cache_len, rolling=rolling, place=self._place)
-    logits, cache = decode.prefill(self.graphdef, self.params, self._put(tokens, ("B", "T")),
-                                   self._put(positions, ("B", "T")), cache, True, self.layout)
+    logits, cache = self.decoder.prefill(self.params, self._put(tokens, ("B", "T")),
+                                         self._put(positions, ("B", "T")), cache, fresh=True)
     return decode.DecodeState(logits=logits, pos=self._put(np.array([len(r) for r in rows] + [0] * idle, np.int32)),
                               done=self._put(np.arange(b) >= len(rows)), step=self._put(np.int32(0)), cache=cache)
 
@@ -290,8 +296,8 @@ class Model:
     produced = 0
     while produced < max_new_tokens and not bool(jnp.all(state.done)):
       steps = min(capacity, max_new_tokens - produced)
-      out, state = decode.decode_loop(self.graphdef, self.params, state, sampling, self._put(np.int32(steps)),
-                                      stops, allowed, capacity, self.layout)
+      out, state = self.decoder.with_capacity(capacity).decode_loop(self.params, state, sampling,
+                                                                    self._put(np.int32(steps)), stops, allowed)
       out = np.asarray(out)
       produced += steps
       state = yield [row[row >= 0].tolist() for row in out], state
@@ -335,8 +341,8 @@ class Model:
       raise GemmaError(f"the cache holds {min(fixed)} positions but feeding these ids reaches {end}; resize it "
                        "(cache.resize_cache) or use a rolling cache")
     tokens, positions = _pad(rows, np.asarray(state.pos), bucket(int(lengths.max())))
-    logits, cache = decode.prefill(self.graphdef, self.params, self._put(tokens, ("B", "T")),
-                                   self._put(positions, ("B", "T")), state.cache, False, self.layout)
+    logits, cache = self.decoder.prefill(self.params, self._put(tokens, ("B", "T")),
+                                         self._put(positions, ("B", "T")), state.cache)
     return state.replace(logits=logits, pos=self._put(np.asarray(state.pos) + lengths),
                          done=self._put(lengths == 0), cache=cache)
 
@@ -420,8 +426,7 @@ class Model:
       raise GemmaError(f"sequence of {len(ids)} tokens exceeds the model's context of "
                        f"{self.config.max_seq_len} tokens")
     tokens, positions = _pad([ids], [0], min(bucket(len(ids)), self.config.max_seq_len))
-    out = decode.token_logprobs(self.graphdef, self.params, self._put(tokens, ("B", "T")),
-                                self._put(positions, ("B", "T")), self.layout)
+    out = self.decoder.token_logprobs(self.params, self._put(tokens, ("B", "T")), self._put(positions, ("B", "T")))
     return np.asarray(out)[0, :len(ids) - 1]
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -429,7 +434,7 @@ class Model:
     ids = self.check_ids(ids, "token sequence")
     tokens = self._put(np.asarray([ids], np.int32), ("B", "T"))
     positions = self._put(np.arange(len(ids), dtype=np.int32)[None], ("B", "T"))
-    return np.asarray(decode.forward(self.graphdef, self.params, tokens, positions, self.layout))[0]
+    return np.asarray(self.decoder.forward(self.params, tokens, positions))[0]
 
 
 class ChatSession:
@@ -521,6 +526,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | N
     straight into its sharding under `rules` (each device reads only its slice); None: one device.
   """
   layout = None if mesh is None else Layout(make_mesh(mesh) if isinstance(mesh, str) else mesh, get_rules(rules))
-  config, graphdef, params, proto = checkpoint.load(path, dtype, layout)
-  return Model(config, graphdef, params, Tokenizer(proto) if proto is not None else None,
-               instruct=checkpoint.read_meta(path).get("instruct"), layout=layout)
+  loaded = checkpoint.load(path, dtype, layout)
+  proto = loaded.tokenizer_proto
+  return Model(loaded.config, loaded.graphdef, loaded.params, Tokenizer(proto) if proto is not None else None,
+               instruct=loaded.meta.get("instruct"), layout=layout)

@@ -57,6 +57,7 @@ def print_plan(args) -> int:
   import jax  # noqa: PLC0415 (keep --help fast)
 
   from . import checkpoint, sharding  # noqa: PLC0415
+  from .transformer import abstract_model  # noqa: PLC0415
   from .cache import init_cache  # noqa: PLC0415
   from .configs import get_preset  # noqa: PLC0415
 
@@ -80,7 +81,7 @@ def print_plan(args) -> int:
     raise GemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
   spec = args.mesh or sharding.DEFAULT_MESH
   sizes = sharding.parse_mesh_spec(spec, None)
-  params = checkpoint.abstract_model(config)[1]
+  params = abstract_model(config)[1]
   cache = jax.eval_shape(lambda: init_cache(config, args.batch_size, cache_len))
   rows = sharding.memory_plan(params, cache, sharding.GENERATION, sizes)
   devices = sizes["data"] * sizes["model"]

@@ -22,9 +22,6 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array, positi
     () float32.
   """
   model = nnx.merge(graphdef, params)
-  hidden, _ = model(tokens, positions)
-  logits = model.logits(hidden)[:, :-1]  # (B, T-1, V) float32
-  target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target
+  nll = -model.token_logprobs(model(tokens, positions).hidden[:, :-1], tokens[:, 1:])  # (B, T-1)
   mask = (positions[:, 1:] >= 0).astype(jnp.float32)
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,6 +1,14 @@
-"""Block and Transformer: embed -> blocks -> final norm -> tied logits -> (Gemma 2) soft-cap."""
+"""Block and Transformer: embed -> blocks -> final norm -> tied logits -> (Gemma 2) soft-cap.
+
+Also the model's abstract form (graph definition and param shapes, nothing allocated) and the boundary
+between the module tree and the official parameter names: inside, blocks are an nnx.List
+(`blocks/0/attn/...`); checkpoints, importers and users see the official names (`layer_0/attn/...`).
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +18,7 @@ from .attention import Attention
 from .cache import Cache
 from .configs import ModelConfig
 from .layers import Einsum, Embedder, RMSNorm
+from .tree import flatten, unflatten
 
 
 class FeedForward(nnx.Module):
@@ -55,31 +64,46 @@ class Block(nnx.Module):
     return x + m, cache
 
 
+class Output(NamedTuple):
+  """What Transformer.__call__ returns.
+
+  Attributes:
+    hidden: (B, T, D) final-normed hidden states ((B, 1, D) with last_only).
+    cache: the cache with this chunk written, None when called without one.
+  """
+
+  hidden: jax.Array
+  cache: Cache | None
+
+
 class Transformer(nnx.Module):
-  """The Gemma decoder. Params are named as in the official checkpoints (layer_{i}/attn/q_einsum/w...),
-  in D-major layouts (see attention.py)."""
+  """The Gemma decoder, in D-major projection layouts (see attention.py). Blocks live in an nnx.List;
+  checkpoints name them layer_{i} (official_path / state_path)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embedder = Embedder(config.vocab_size, config.embed_dim, dtype=jnp.dtype(config.dtype), rngs=rngs)
-    for i, attn_type in enumerate(config.attention_types):
-      setattr(self, f"layer_{i}", Block(config, attn_type, rngs=rngs))
+    self.blocks = nnx.List([Block(config, t, rngs=rngs) for t in config.attention_types])
     self.final_norm = RMSNorm(config.embed_dim, "D", eps=config.norm_eps, dtype=jnp.dtype(config.dtype),
                               rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, fresh: bool = False
-               ) -> tuple[jax.Array, Cache | None]:
-    """tokens, positions (B, T) -> final-normed hidden states (B, T, D) and the updated cache.
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *, fresh: bool = False,
+               last_only: bool = False) -> Output:
+    """tokens, positions (B, T) -> Output(hidden (B, T, D), cache).
 
     positions are absolute (-1 marks padding); with a cache, the chunk attends to what the cache holds,
-    unless fresh=True (static) says the cache is empty and is only to be written.
+    unless fresh=True (static) says the cache is empty and is only to be written. last_only (static):
+    hidden only at each row's last (highest-position) token, (B, 1, D): all a prefill needs, and the
+    final norm then runs on B positions instead of B * T.
     """
     x = self.embedder.encode(tokens)
     new_cache = []
-    for i in range(self.config.num_layers):
-      x, layer_cache = getattr(self, f"layer_{i}")(x, positions, None if cache is None else cache[i], fresh)
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions, None if cache is None else cache[i], fresh)
       new_cache.append(layer_cache)
-    return self.final_norm(x), (None if cache is None else tuple(new_cache))
+    if last_only:
+      x = jnp.take_along_axis(x, jnp.argmax(positions, axis=1)[:, None, None], axis=1)
+    return Output(self.final_norm(x), None if cache is None else tuple(new_cache))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, V) float32 logits through the tied embedding, soft-capped for Gemma 2."""
@@ -88,3 +112,53 @@ class Transformer(nnx.Module):
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
     return logits
+
+  def token_logprobs(self, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets | hidden): hidden (B, T, D), targets (B, T) int -> (B, T) float32.
+
+    Normalised over every embedding row, as the model defines the distribution. The one log-prob
+    computation: scoring (decode.py) and the training loss (train.py) both call it.
+    """
+    logits = self.logits(hidden)
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+# ---- the abstract model and the official names ----------------------------------------------------
+
+def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph definition and its params as ShapeDtypeStructs (nothing allocated)."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+
+
+_STATE_BLOCK = re.compile(r"^blocks/(\d+)/")
+_OFFICIAL_BLOCK = re.compile(r"^layer_(\d+)/")
+
+
+def official_path(path: str) -> str:
+  """A param's path in the module tree -> its official name: "blocks/3/attn/..." -> "layer_3/attn/..."."""
+  return _STATE_BLOCK.sub(r"layer_\1/", path)
+
+
+def state_path(path: str) -> str:
+  """An official param name -> its path in the module tree: "layer_3/attn/..." -> "blocks/3/attn/..."."""
+  return _OFFICIAL_BLOCK.sub(r"blocks/\1/", path)
+
+
+def flat_params(params: nnx.State) -> dict[str, Any]:
+  """{official name: leaf} of a state's params, e.g. "layer_0/attn/q_einsum/w" -> (D, N, H) array."""
+  return {official_path(p): x for p, x in flatten(nnx.to_pure_dict(params)).items()}
+
+
+def set_flat_params(params: nnx.State, flat: dict[str, Any]) -> None:
+  """Replaces a state's param values, in place, from {official name: array}."""
+  nnx.replace_by_pure_dict(params, unflatten({state_path(p): x for p, x in flat.items()}))
+
+
+def param_shapes(config: ModelConfig, abstract: nnx.State | None = None) -> dict[str, tuple[int, ...]]:
+  """{'layer_0/attn/q_einsum/w': (D, N, H), ...}: every parameter's shape for this config, official names.
+
+  abstract: the abstract params of abstract_model(config), when the caller already built them.
+  """
+  abstract = abstract_model(config)[1] if abstract is None else abstract
+  return {path: tuple(x.shape) for path, x in flat_params(abstract).items()}

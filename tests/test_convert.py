@@ -14,6 +14,7 @@ from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import checkpoint
+from gemma_jax.transformer import flat_params, set_flat_params
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.convert.official import infer_config
 from gemma_jax.errors import GemmaError
@@ -31,18 +32,18 @@ def random_flat(cfg, seed=0):
   model = gj.Model.random(cfg, seed=seed)
   rng = np.random.default_rng(seed)
   return {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-          for k, v in checkpoint.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(model.params))).items()}
+          for k, v in flat_params(jax.tree.map(np.asarray, model.params)).items()}
 
 
 def logits_of(cfg, flat, ids):
   model = gj.Model.random(cfg)
-  nnx.replace_by_pure_dict(model.params, checkpoint.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()}))
+  set_flat_params(model.params, {k: np.asarray(v, np.float32) for k, v in flat.items()})
   return model.logits(ids)
 
 
 def loaded_flat(ckpt):
   model = gj.load(ckpt)
-  return model, checkpoint.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(model.params)))
+  return model, flat_params(jax.tree.map(np.asarray, model.params))
 
 
 @pytest.mark.parametrize("name", sorted(GGUF_TINY))

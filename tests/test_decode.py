@@ -10,13 +10,16 @@ from gemma_jax import decode
 from gemma_jax.cache import init_cache, layer_slots
 from gemma_jax.configs import TINY_PRESETS
 from gemma_jax.errors import GemmaError
+from gemma_jax.transformer import flat_params, set_flat_params
 
 
 def random_model(name: str, seed: int = 0) -> gj.Model:
   """A tiny model whose every param, norms included, is random (std 0.3), so no mechanism hides."""
   model = gj.Model.random(TINY_PRESETS[name], seed=seed)
   rng = np.random.default_rng(seed)
-  model.params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), model.params)
+  flat = flat_params(model.params)  # drawn in sorted official-name order, whatever the module tree's order
+  set_flat_params(model.params, {p: jnp.asarray(0.3 * rng.standard_normal(flat[p].shape), flat[p].dtype)
+                                 for p in sorted(flat)})
   return model
 
 
@@ -36,13 +39,13 @@ def test_greedy_tokens_equal_full_forward_argmax_at_every_step(model):
 def test_chunked_prefill_and_steps_equal_full_forward(model):
   """Prefill chunks longer than the window, then single steps: the logits of every position agree."""
   ids = np.random.default_rng(1).integers(0, 251, size=(2, 29)).astype(np.int32)
-  full = np.asarray(decode.forward(model.graphdef, model.params, jnp.asarray(ids),
+  full = np.asarray(model.decoder.forward(model.params, jnp.asarray(ids),
                                    jnp.broadcast_to(jnp.arange(29), (2, 29))))
   cache = init_cache(model.config, 2, 32)
   start = 0
   for size in (11, 7, 1, 1, 9):
     pos = jnp.broadcast_to(jnp.arange(start, start + size), (2, size))
-    last, cache = decode.prefill(model.graphdef, model.params, jnp.asarray(ids[:, start:start + size]), pos,
+    last, cache = model.decoder.prefill(model.params, jnp.asarray(ids[:, start:start + size]), pos,
                                  cache)
     start += size
     np.testing.assert_allclose(last, full[:, start - 1], rtol=1e-5, atol=1e-5)
@@ -92,8 +95,8 @@ def test_bad_generation_input_is_named(kwargs, message):
 def test_fresh_prefill_skips_the_empty_cache_with_the_same_result(model):
   ids = jnp.asarray(np.random.default_rng(2).integers(0, 251, size=(2, 13)), jnp.int32)
   pos = jnp.asarray([list(range(13)), list(range(9)) + [-1] * 4], jnp.int32)
-  a, ca = decode.prefill(model.graphdef, model.params, ids, pos, init_cache(model.config, 2, 32), False)
-  b, cb = decode.prefill(model.graphdef, model.params, ids, pos, init_cache(model.config, 2, 32), True)
+  a, ca = model.decoder.prefill(model.params, ids, pos, init_cache(model.config, 2, 32), fresh=False)
+  b, cb = model.decoder.prefill(model.params, ids, pos, init_cache(model.config, 2, 32), fresh=True)
   # Whole-model f32 comparison: the reductions differ in shape (the empty slots add exact zeros).
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):

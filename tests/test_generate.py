@@ -64,15 +64,15 @@ def test_continuing_a_state_equals_one_long_call(tiny):
 
 
 def test_compilations_happen_per_bucket_not_per_length_or_setting(tiny):
-  prefill_before = decode.prefill._cache_size()
-  loop_before = decode.decode_loop._cache_size()
+  prefill_before = decode.Decoder.prefill._cache_size()
+  loop_before = decode.Decoder.decode_loop._cache_size()
   for n, temp, top_p, seed, max_new in [(5, 0.0, 1.0, 0, 9), (9, 0.7, 0.9, 1, 12), (17, 1.2, 0.5, 2, 20),
                                         (31, 0.3, 1.0, 3, 17)]:
     tiny.generate_ids([[2] + list(range(10, 10 + n))], max_new_tokens=max_new, temperature=temp, top_p=top_p,
                       seed=seed, stop_ids=[])
   # Prompt lengths 6..32 share the 32 bucket, cache 64, output capacity 32: one compile each.
-  assert decode.prefill._cache_size() - prefill_before <= 1
-  assert decode.decode_loop._cache_size() - loop_before <= 1
+  assert decode.Decoder.prefill._cache_size() - prefill_before <= 1
+  assert decode.Decoder.decode_loop._cache_size() - loop_before <= 1
 
 
 def test_cache_too_small_is_an_error_unless_rolling(tiny):

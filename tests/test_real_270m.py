@@ -57,8 +57,8 @@ def test_cached_decoding_equals_full_forward_past_the_window(model_270m):
   start = 0
   for size in (300, 250, 1, 1, 1, n - 553):
     pos = jnp.arange(start, start + size, dtype=jnp.int32)[None]
-    last, cache = decode.prefill(model_270m.graphdef, model_270m.params,
-                                 jnp.asarray([ids[start:start + size]], jnp.int32), pos, cache)
+    last, cache = model_270m.decoder.prefill(model_270m.params,
+                                           jnp.asarray([ids[start:start + size]], jnp.int32), pos, cache)
     start += size
     np.testing.assert_allclose(last[0], full[start - 1], rtol=1e-4, atol=1e-4)
   assert start == n

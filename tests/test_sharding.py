@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import gemma_jax as gj
 from gemma_jax import checkpoint, sample, score, sharding
+from gemma_jax.transformer import abstract_model
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.errors import GemmaError
 
@@ -63,7 +64,7 @@ def test_rules_cover_every_parameter_and_cache_array_of_every_preset(rules):
   """Every official and tiny preset, on a 2x8 mesh: nothing the modules declare is left uncovered."""
   sizes = {"data": 2, "model": 8}
   for cfg in [*PRESETS.values(), *TINY_PRESETS.values()]:
-    params = checkpoint.abstract_model(cfg)[1]
+    params = abstract_model(cfg)[1]
     cache = jax.eval_shape(lambda: gj.init_cache(cfg, 4, 64))
     rows = sharding.memory_plan(params, cache, rules, sizes)
     assert rows[-1].name == "total" and rows[-1].device_bytes < rows[-1].total_bytes, cfg.name

@@ -1,7 +1,7 @@
 """gemma_jax runner (Python 3.12 venv with gemma_jax importable): python ours.py SPEC.json OUT.json
 
 Generation goes through the public API, Model.generate_ids(..., stop_ids=[]); prefill alone through
-gemma_jax.decode.prefill with a fresh gemma_jax.cache.init_cache, sized as generate_ids would size it
+gemma_jax.decode.Decoder.prefill with a fresh gemma_jax.cache.init_cache, sized as generate_ids would size it
 (cache_len = next power of two >= prompt + new tokens).
 """
 
@@ -52,8 +52,7 @@ class Engine:
     tokens[0, :len(ids)] = ids
     positions[0, :len(ids)] = np.arange(len(ids))
     cache = self.gcache.init_cache(cfg, 1, cache_len)
-    out = self.decode.prefill(self.model.graphdef, self.model.params, jnp.asarray(tokens),
-                              jnp.asarray(positions), cache)
+    out = self.model.decoder.prefill(self.model.params, jnp.asarray(tokens), jnp.asarray(positions), cache)
     self.jax.block_until_ready(out)
 
   def info(self):

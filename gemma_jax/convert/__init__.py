@@ -9,6 +9,7 @@ import os
 import pathlib
 
 from .. import checkpoint
+from ..tree import unflatten
 from ..errors import GemmaError
 from .common import Imported
 
@@ -40,6 +41,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | Non
   if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
     raise GemmaError(f"output {dst} already exists and is not an empty directory")
   imported = import_any(src, preset=preset, progress=progress)
-  return checkpoint.save(dst, imported.config, checkpoint.unflatten(imported.params),
+  return checkpoint.save(dst, imported.config, unflatten(imported.params),
                          tokenizer_proto=imported.tokenizer_proto, source=imported.source,
                          instruct=imported.instruct)

@@ -17,6 +17,7 @@ import pathlib
 import numpy as np
 
 from .. import checkpoint
+from ..tree import flatten
 from ..configs import ModelConfig, get_preset
 from ..errors import GemmaError
 from .common import DeviceParams, Imported, looks_instruct, matching_preset
@@ -65,7 +66,7 @@ def import_official(path: str | os.PathLike, preset: str | None = None, progress
   else:
     cfg = infer_config(shapes, where)
   params = DeviceParams()
-  for p, value in checkpoint.flatten(restore()).items():
+  for p, value in flatten(restore()).items():
     if p.startswith(PREFIX):
       for ours, array in to_ours(p[len(PREFIX):], np.asarray(value), cfg, where):
         params[ours] = array

@@ -14,6 +14,7 @@ from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import checkpoint, sample
+from gemma_jax.transformer import abstract_model, flat_params
 
 GOLDEN = json.loads((pathlib.Path(__file__).parent.parent / "data" / "golden_270m.json").read_text())
 PROMPTS = [p["ids"] for p in GOLDEN["prompts"][:3]]  # 3 rows: padded to 4 on data=2
@@ -41,7 +42,7 @@ def test_restored_slices_are_read_alone(ckpt_270m):
   config = checkpoint.read_config(ckpt_270m).replace(dtype="float32")
   layout = gj.Layout(gj.make_mesh("data=1,model=8"))
   stored = checkpoint.stored_metadata(ckpt_270m)
-  shardings = layout.param_shardings(checkpoint.abstract_model(config)[1])
+  shardings = layout.param_shardings(abstract_model(config)[1])
   v, d = stored["embedder/input_embedding"].shape
   target = lambda p: jax.ShapeDtypeStruct(stored[p].shape, np.float32, sharding=shardings[p])
   assert checkpoint._slice_read_bytes(target("embedder/input_embedding"), stored["embedder/input_embedding"]) \
@@ -49,7 +50,7 @@ def test_restored_slices_are_read_alone(ckpt_270m):
   model = gj.load(ckpt_270m, dtype="float32", mesh=layout.mesh)
   emb = model.params["embedder"]["input_embedding"].get_value()
   assert {s.data.shape for s in emb.addressable_shards} == {(v // 8, d)}
-  flat = checkpoint.flatten(nnx.to_pure_dict(model.params))
+  flat = flat_params(model.params)
   mlp = flat["layer_0/mlp/linear/w"]
   assert {s.data.shape for s in mlp.addressable_shards} == {(mlp.shape[0] // 8, mlp.shape[1])}
 

@@ -18,6 +18,8 @@ from gemma_jax.configs import TINY_PRESETS
 from gemma_jax.errors import GemmaError
 from gemma_jax.generate import _drive
 from gemma_jax.sampling import make_sampling
+from gemma_jax.transformer import abstract_model, flat_params, set_flat_params
+from gemma_jax.tree import flatten, unflatten
 
 MESHES = ["data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"]
 # The tiny presets are prime-sized (transposed weights fail loudly), so 2, 4 or 8 divides almost none of
@@ -42,7 +44,9 @@ def random_model(cfg, seed=0):
   """Every param random (std 0.3), norms included, so no mechanism hides."""
   model = gj.Model.random(cfg, seed=seed)
   rng = np.random.default_rng(seed)
-  model.params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), model.params)
+  flat = flat_params(model.params)  # drawn in sorted official-name order, whatever the module tree's order
+  set_flat_params(model.params, {p: jnp.asarray(0.3 * rng.standard_normal(flat[p].shape), flat[p].dtype)
+                                 for p in sorted(flat)})
   return model
 
 
@@ -68,13 +72,13 @@ def check_placed(x, axes, mesh, what, rules="generation"):
 
 def param_axes(cfg):
   """{path: axes} from the modules' own Param metadata."""
-  _, state = checkpoint.abstract_model(cfg)
+  _, state = abstract_model(cfg)
   return {"/".join(map(str, path)): v.get_metadata()["axes"] for path, v in nnx.to_flat_state(state)}
 
 
 def check_params(model, rules="generation"):
   axes = param_axes(model.config)
-  flat = checkpoint.flatten(nnx.to_pure_dict(model.params))
+  flat = flatten(nnx.to_pure_dict(model.params))
   assert set(flat) == set(axes)
   for path, x in flat.items():
     check_placed(x, axes[path], model.layout.mesh, path, rules)
@@ -119,8 +123,8 @@ def test_sharded_generation_equals_one_device(name, spec):
     for row, ids in zip(rows, out):
       row += ids
     check_cache(state.cache, sharded.layout.mesh)
-    compiled = compiled or decode.decode_loop._cache_size()
-  assert decode.decode_loop._cache_size() == compiled
+    compiled = compiled or decode.Decoder.decode_loop._cache_size()
+  assert decode.Decoder.decode_loop._cache_size() == compiled
   assert rows == want_tokens
 
 
@@ -143,7 +147,7 @@ def test_fallbacks_for_heads_that_do_not_divide_the_model_axis(name, spec, param
   effective = lambda m: m if m and mesh.shape[m] > 1 else None  # a size-1 axis splits nothing
   state = model.start(PROMPTS[:2], 4)
   arrays = [(p, x, param_axes(model.config)[p], params)
-            for p, x in checkpoint.flatten(nnx.to_pure_dict(model.params)).items()]
+            for p, x in flatten(nnx.to_pure_dict(model.params)).items()]
   arrays += [(f"cache {f}", getattr(state.cache[0], f), CACHE_AXES[f], cache) for f in ("k", "v")]
   seen = set()
   for what, x, names, want in arrays:
@@ -165,9 +169,9 @@ def test_a_decode_step_never_gathers_a_layers_cache():
   cfg = CONFIGS["tiny_gemma3_qk"].replace(sliding_window=16)
   model = random_model(cfg).shard("data=2,model=4")
   state = model.start([[2, 3, 4], [2, 5]], 8, cache_len=64)
-  args = (model.graphdef, model.params, state, model._batch_sampling(make_sampling(2), 2), model._put(np.int32(4)),
-          model._put(np.array([-2], np.int32)), model._put(np.ones(cfg.vocab_size, bool)), 8, model.layout)
-  hlo = decode.decode_loop.lower(*args).compile().as_text()
+  args = (model.decoder.with_capacity(8), model.params, state, model._batch_sampling(make_sampling(2), 2),
+          model._put(np.int32(4)), model._put(np.array([-2], np.int32)), model._put(np.ones(cfg.vocab_size, bool)))
+  hlo = decode.Decoder.decode_loop.lower(*args).compile().as_text()
   smallest = min(min(s.data.size for s in layer.k.addressable_shards) for layer in state.cache)  # 1*16*2*16
   gathered = []  # (elements, line) of each all-gather made for the cache write
   for line in hlo.splitlines():
@@ -232,7 +236,7 @@ def test_fsdp_training_step_equals_unsharded(spec):
   loss, grads = step(sharded.params, sharded.graphdef, layout.put(tokens, ("B", "T")),
                      layout.put(positions, ("B", "T")))
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
-  got, want = checkpoint.flatten(nnx.to_pure_dict(grads)), checkpoint.flatten(nnx.to_pure_dict(want_grads))
+  got, want = flat_params(grads), flat_params(want_grads)
   for path in want:
     np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-5, err_msg=path)
 
@@ -246,15 +250,15 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("spec", ["data=1,model=8", "data=2,model=4"])
 def test_restore_into_a_mesh_reads_each_devices_slice(spec, tmp_path, small_chunks):
   model, _, want_logits = reference("tiny_gemma2_gqa")
-  flat = checkpoint.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(model.params)))
-  checkpoint.save(tmp_path / "ckpt", model.config, checkpoint.unflatten(flat))
+  flat = flat_params(jax.tree.map(np.asarray, model.params))
+  checkpoint.save(tmp_path / "ckpt", model.config, unflatten(flat))
   stored = checkpoint.stored_metadata(tmp_path / "ckpt")
   emb = stored["embedder/input_embedding"]
   assert tuple(emb.storage.chunk_shape) != tuple(emb.shape)  # split into chunks
 
   loaded = gj.load(tmp_path / "ckpt", mesh=spec)
   check_params(loaded)  # includes: every device holds only its slice
-  for path, x in checkpoint.flatten(nnx.to_pure_dict(loaded.params)).items():
+  for path, x in flat_params(loaded.params).items():
     np.testing.assert_array_equal(np.asarray(x), flat[path], err_msg=path)
   np.testing.assert_allclose(loaded.logits(PROMPTS[2]), want_logits, rtol=1e-5, atol=1e-5)
 
@@ -265,7 +269,7 @@ def test_importers_write_checkpoints_that_restore_into_a_mesh(tmp_path, small_ch
   from gguf_writer import write_gguf
   from test_convert import official_layout
 
-  flat_of = lambda cfg: checkpoint.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(random_model(cfg).params)))
+  flat_of = lambda cfg: flat_params(jax.tree.map(np.asarray, random_model(cfg).params))
   gguf_cfg = CONFIGS["tiny_gemma3_qk"].replace(query_pre_attn_scalar=None)  # GGUF stores no query scale
   write_gguf(tmp_path / "m.gguf", gguf_cfg, flat_of(gguf_cfg))
   # The official importer takes a preset's config: the prime-sized one, whose 6 heads and 2 kv heads
