@@ -10,9 +10,10 @@ from .cache import init_cache
 from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
 from .convert import convert
 from .errors import GemmaError
-from .generate import ChatSession, Model, load
+from .model import Completion, Model, load
+from .session import ChatSession
 from .sharding import GENERATION, TRAINING, Layout, make_mesh
 from .tokenizer import Tokenizer
 
-__all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "GemmaError", "Layout",
+__all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion", "GemmaError", "Layout",
            "Model", "ModelConfig", "Tokenizer", "convert", "get_preset", "init_cache", "load", "make_mesh"]

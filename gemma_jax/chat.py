@@ -31,7 +31,7 @@ def main(argv=None) -> int:
   model = load_model(args)
   import jax  # noqa: PLC0415
 
-  from .generate import ChatSession  # noqa: PLC0415
+  from .session import ChatSession  # noqa: PLC0415
   from .sharding import broadcast_text  # noqa: PLC0415
 
   kwargs = sampling_kwargs(args, model)

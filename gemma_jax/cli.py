@@ -88,7 +88,7 @@ def load_model(args: argparse.Namespace):
   import jax  # noqa: PLC0415 (keep --help fast)
 
   from .default_model import default_checkpoint  # noqa: PLC0415
-  from .generate import load  # noqa: PLC0415
+  from .model import load  # noqa: PLC0415
   from .sharding import DEFAULT_MESH, make_mesh  # noqa: PLC0415
 
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -236,6 +236,11 @@ class Layout:
   mesh: Mesh
   rules: Rules = GENERATION
 
+  @classmethod
+  def of(cls, mesh: Mesh | str, rules: Rules | str = GENERATION) -> "Layout":
+    """A Layout from a Mesh or a mesh spec ("data=1,model=-1") and a rule set or its name."""
+    return cls(make_mesh(mesh) if isinstance(mesh, str) else mesh, get_rules(rules))
+
   @property
   def sizes(self) -> dict[str, int]:
     return mesh_sizes(self.mesh)

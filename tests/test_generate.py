@@ -7,7 +7,7 @@ import gemma_jax as gj
 from gemma_jax import decode
 from gemma_jax.configs import TINY_PRESETS
 from gemma_jax.errors import GemmaError
-from gemma_jax.generate import _TextRow
+from gemma_jax.streaming import TextRow
 from test_decode import random_model
 
 
@@ -52,14 +52,9 @@ def test_continuing_a_state_equals_one_long_call(tiny):
   whole = tiny.generate_ids(PROMPTS[:2], max_new_tokens=20, temperature=0.9, seed=[4, 5], stop_ids=[])
   state = tiny.start(PROMPTS[:2], 20)
   rows = [[], []]
-  gen = tiny.run(state, 20, s, stop_ids=[], chunk=3)
-  out, state = next(gen)
-  while True:
+  for produced in range(0, 20, 3):  # seven calls of up to 3 tokens, each continuing the last state
+    out, state = tiny.run(state, min(3, 20 - produced), s, stop_ids=[])
     rows = [a + b for a, b in zip(rows, out)]
-    try:
-      out, state = gen.send(state)
-    except StopIteration:
-      break
   assert rows == whole
 
 
@@ -107,7 +102,7 @@ def test_streamed_pieces_never_split_a_character(model_270m):
   text = "Hieroglyph 𓀀 and 🧑‍🔬 then 你好, done."
   ids = tok.encode(text, add_bos=False)
   assert len(ids) > len(text.split())  # some characters are spread over byte-fallback tokens
-  row = _TextRow(tok, set(), ())
+  row = TextRow(tok, set(), ())
   pieces = [row.add([i]) for i in ids] + [row.flush()]
   assert "".join(pieces) == text
   assert not any("\ufffd" in p for p in pieces)
@@ -117,7 +112,7 @@ def test_stop_string_prefixes_are_held_back():
   class Chars:  # a stand-in tokenizer: id i is chr(i)
     decode = staticmethod(lambda ids: "".join(map(chr, ids)))
 
-  row = _TextRow(Chars, set(), ("END",))
+  row = TextRow(Chars, set(), ("END",))
   pieces = [row.add([ord(c)]) for c in "abcENxyE"]
   assert "".join(pieces) == "abcENxy" and pieces[3:5] == ["", ""] and pieces[5] == "ENx"
   assert row.add([ord("N")]) == "" and row.add([ord("D")]) == "" and row.stopped

@@ -16,7 +16,6 @@ from gemma_jax import checkpoint, decode, sharding, train
 from gemma_jax.cache import CACHE_AXES, resize_cache
 from gemma_jax.configs import TINY_PRESETS
 from gemma_jax.errors import GemmaError
-from gemma_jax.generate import _drive
 from gemma_jax.sampling import make_sampling
 from gemma_jax.transformer import abstract_model, flat_params, set_flat_params
 from gemma_jax.tree import flatten, unflatten
@@ -119,7 +118,8 @@ def test_sharded_generation_equals_one_device(name, spec):
   sampling = make_sampling(len(PROMPTS))
   rows = [[] for _ in PROMPTS]
   compiled = None
-  for out, state in _drive(sharded.run(state, NEW, sampling, stop_ids=[], chunk=4)):
+  for produced in range(0, NEW, 4):
+    out, state = sharded.run(state, min(4, NEW - produced), sampling, stop_ids=[])
     for row, ids in zip(rows, out):
       row += ids
     check_cache(state.cache, sharded.layout.mesh)
@@ -169,8 +169,9 @@ def test_a_decode_step_never_gathers_a_layers_cache():
   cfg = CONFIGS["tiny_gemma3_qk"].replace(sliding_window=16)
   model = random_model(cfg).shard("data=2,model=4")
   state = model.start([[2, 3, 4], [2, 5]], 8, cache_len=64)
-  args = (model.decoder.with_capacity(8), model.params, state, model._batch_sampling(make_sampling(2), 2),
-          model._put(np.int32(4)), model._put(np.array([-2], np.int32)), model._put(np.ones(cfg.vocab_size, bool)))
+  args = (model.decoder.with_capacity(8), model.params, state, model.engine.batch_sampling(make_sampling(2), 2),
+          model.engine.put(np.int32(4)), model.engine.put(np.array([-2], np.int32)),
+          model.engine.put(np.ones(cfg.vocab_size, bool)))
   hlo = decode.Decoder.decode_loop.lower(*args).compile().as_text()
   smallest = min(min(s.data.size for s in layer.k.addressable_shards) for layer in state.cache)  # 1*16*2*16
   gathered = []  # (elements, line) of each all-gather made for the cache write
@@ -207,14 +208,14 @@ def test_feed_and_resized_cache_on_a_mesh_equal_one_device():
     state = model.start([PROMPTS[0]], 5, cache_len=16)
     sampling = make_sampling(1)
     ids = []
-    for out, state in _drive(model.run(state, 5, sampling, stop_ids=[])):
-      ids += out[0]
-    state = state.replace(cache=resize_cache(model.config, state.cache, 32, place=model._place))
+    out, state = model.run(state, 5, sampling, stop_ids=[])
+    ids += out[0]
+    state = state.replace(cache=resize_cache(model.config, state.cache, 32, place=model.engine.place))
     if model.layout:
       check_cache(state.cache, model.layout.mesh)
     state = model.feed(state, [[7, 8, 9]])
-    for out, state in _drive(model.run(state, 6, sampling, stop_ids=[])):
-      ids += out[0]
+    out, state = model.run(state, 6, sampling, stop_ids=[])
+    ids += out[0]
     results.append(ids)
   assert len(results[0]) == 11 and results[0] == results[1]
 

@@ -1,0 +1,163 @@
+"""Batches of token ids through the compiled Decoder: start, feed, run.
+
+Plain functions over an `Engine` (config, params, decoder) and a `DecodeState`: each takes a state and
+returns the next one (run also the ids it drew), so a caller drives generation with an ordinary loop.
+Ids arrive validated (model.py checks them once); what is checked here is what only the engine knows:
+lengths against the context and the cache.
+
+Shapes are bucketed so each compiled program serves many calls: prompts are padded to a power of two
+(at least MIN_BUCKET), caches to the bucket of prompt + new tokens, and a run's output buffer (the
+Decoder's capacity) to the bucket of its steps. With a layout, a batch is padded with idle rows to a
+multiple of the `data` axis; those rows draw nothing and are never returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import init_cache, resize_cache
+from .configs import ModelConfig
+from .decode import DecodeState, Decoder
+from .errors import GemmaError
+from .sampling import Sampling
+
+MIN_BUCKET = 32
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+  """The padded length for n: the next power of two, at least `minimum`.
+
+  Prompts are padded to these lengths so that prefill compiles once per bucket, not per length.
+  """
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def pad_rows(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads id rows to `length`: tokens and positions (B, length), positions -1 on padding."""
+  tokens = np.zeros((len(rows), length), np.int32)
+  positions = np.full((len(rows), length), -1, np.int32)
+  for r, (row, start) in enumerate(zip(rows, starts)):
+    tokens[r, :len(row)] = row
+    positions[r, :len(row)] = start + np.arange(len(row))
+  return tokens, positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """What generation needs of a model: its config, params and Decoder (graph definition and layout)."""
+
+  config: ModelConfig
+  params: nnx.State
+  decoder: Decoder
+
+  @property
+  def layout(self):
+    return self.decoder.layout
+
+  def padded(self, rows: int) -> int:
+    """Rows a batch of `rows` occupies: rounded up to a multiple of the data axis."""
+    m = self.layout.batch_multiple if self.layout else 1
+    return -(-rows // m) * m
+
+  def put(self, x, axes: tuple[str, ...] | None = None) -> jax.Array:
+    """A host value as a jit input: placed by the layout's rules (None: replicated), else on one device."""
+    return jnp.asarray(x) if self.layout is None else self.layout.put(x, axes)
+
+  @property
+  def place(self):
+    """cache.init_cache's `place`: the layout's sharding for an array's logical axes (None: one device)."""
+    return None if self.layout is None else self.layout.sharding
+
+  def batch_sampling(self, sampling: Sampling, rows: int) -> Sampling:
+    """Per-row settings for the padded batch (padding rows copy row 0), placed like the batch."""
+    def fit(x):
+      x, n = np.asarray(x), np.shape(x)[0]
+      if n != rows and self.padded(n) != rows:
+        raise GemmaError(f"sampling settings are for {n} rows but the batch has {rows}")
+      return self.put(np.concatenate([x, np.repeat(x[:1], rows - n, axis=0)]), ("B",))
+    return jax.tree.map(fit, sampling)
+
+
+def start(eng: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, cache_len: int | None = None,
+          rolling: bool = False) -> DecodeState:
+  """Prefills a batch of prompts (ids, BOS included) into a new cache: the state run() continues.
+
+  cache_len: global-layer slots; default: prompt + max_new_tokens rounded up to a bucket. A cache too
+    small for prompt + max_new_tokens is an error unless rolling (global layers then keep the most
+    recent cache_len tokens; sliding-window layers are unaffected).
+  """
+  cfg = eng.config
+  longest = max(map(len, prompts))
+  total = longest + max_new_tokens
+  if total > cfg.max_seq_len:
+    raise GemmaError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
+                     f"model's context of {cfg.max_seq_len} tokens")
+  if cache_len is None:
+    cache_len = min(bucket(total), cfg.max_seq_len)
+  elif cache_len < total and not rolling:
+    raise GemmaError(f"the cache holds {cache_len} tokens but prompt ({longest}) + max_new_tokens "
+                     f"({max_new_tokens}) needs {total}; raise cache_len or pass cache_policy='rolling' "
+                     "(global layers then forget the oldest tokens)")
+  t_pad = bucket(longest) if rolling else min(bucket(longest), cache_len)
+  b = eng.padded(len(prompts))
+  idle = b - len(prompts)  # padding rows: no tokens (positions -1), done from the start
+  tokens, positions = pad_rows(list(prompts) + [[]] * idle, [0] * b, t_pad)
+  cache = init_cache(cfg, b, cache_len, rolling=rolling, place=eng.place)
+  logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
+                                      cache, fresh=True)
+  return DecodeState(logits=logits, pos=eng.put(np.array([len(r) for r in prompts] + [0] * idle, np.int32)),
+                     done=eng.put(np.arange(b) >= len(prompts)), step=eng.put(np.int32(0)), cache=cache)
+
+
+def feed(eng: Engine, state: DecodeState, rows: Sequence[Sequence[int]]) -> DecodeState:
+  """Appends ids to every row of a state (e.g. the next chat turn): only these tokens are run.
+
+  The cache must have room (global layers hold positions < cache_len unless rolling). A sharded batch's
+  padding rows stay idle.
+  """
+  b = state.pos.shape[0]
+  if eng.padded(len(rows)) != b:
+    raise GemmaError(f"feed needs one id list per row ({b}), got {len(rows)}")
+  rows = list(rows) + [[]] * (b - len(rows))
+  lengths = np.array([len(r) for r in rows], np.int32)
+  fixed = [c.num_slots for c in state.cache if not c.ring]
+  end = int(np.max(np.asarray(state.pos) + lengths))
+  if fixed and end > min(fixed):
+    raise GemmaError(f"the cache holds {min(fixed)} positions but feeding these ids reaches {end}; resize it "
+                     "(cache.resize_cache) or use a rolling cache")
+  tokens, positions = pad_rows(rows, np.asarray(state.pos), bucket(int(lengths.max())))
+  logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
+                                      state.cache)
+  return state.replace(logits=logits, pos=eng.put(np.asarray(state.pos) + lengths), done=eng.put(lengths == 0),
+                       cache=cache)
+
+
+def run(eng: Engine, state: DecodeState, steps: int, sampling: Sampling, stop_ids: jax.Array, allowed: jax.Array,
+        capacity: int | None = None) -> tuple[list[list[int]], DecodeState]:
+  """Draws up to `steps` tokens per row in one compiled call: (new ids per row, the next state).
+
+  sampling: per-row settings, already fitted to the batch (Engine.batch_sampling); stop_ids (X,) and
+  allowed (V,) placed arrays. capacity: the output buffer (>= steps; default bucket(steps)), part of
+  what is compiled. Rows that drew a stop id are done; a done row draws nothing. Padding rows of a
+  sharded batch come back too (callers drop them).
+  """
+  capacity = bucket(steps) if capacity is None else capacity
+  out, state = eng.decoder.with_capacity(capacity).decode_loop(eng.params, state, sampling,
+                                                               eng.put(np.int32(steps)), stop_ids, allowed)
+  return [row[row >= 0].tolist() for row in np.asarray(out)], state
+
+
+def mark_done(eng: Engine, state: DecodeState, rows: np.ndarray) -> DecodeState:
+  """The state with these rows (B,) bool also done (e.g. a stop string appeared in their text)."""
+  return state.replace(done=eng.put(np.asarray(state.done) | rows))
+
+
+def resize(eng: Engine, state: DecodeState, cache_len: int, rolling: bool = False) -> DecodeState:
+  """The state with its cache moved into one of cache_len slots (growing a conversation's cache)."""
+  return state.replace(cache=resize_cache(eng.config, state.cache, cache_len, rolling, eng.place))

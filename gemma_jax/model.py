@@ -1,0 +1,319 @@
+"""The Model facade (text in, text out) and load().
+
+Text is tokenized once and every id is validated here, in one place, before anything runs; engine.py
+does the batching and decoding, streaming.py the detokenizing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from . import checkpoint, engine
+from .configs import ModelConfig
+from .decode import DecodeState, Decoder
+from .errors import GemmaError
+from .sampling import Sampling, make_sampling
+from .sharding import GENERATION, Layout, Rules
+from .streaming import TextStream
+from .tokenizer import Tokenizer
+from .transformer import abstract_model, flat_params, set_flat_params
+
+CACHE_POLICIES = ("error", "rolling")
+SAMPLING_ARGS = ("temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise GemmaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def check_cache_policy(cache_policy: str) -> None:
+  if cache_policy not in CACHE_POLICIES:
+    raise GemmaError(f"cache_policy must be 'error' or 'rolling', got {cache_policy!r}")
+
+
+def check_stop_strings(stop: Sequence[str] | str) -> tuple[str, ...]:
+  stop = (stop,) if isinstance(stop, str) else tuple(stop)
+  for s in stop:
+    if not isinstance(s, str) or not s:
+      raise GemmaError(f"stop strings must be non-empty strings, got {s!r}")
+  return stop
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One prompt's result: its ids (BOS first), the new ids (a stop token included) and the new text."""
+
+  prompt_ids: list[int]
+  ids: list[int]
+  text: str
+
+
+@dataclasses.dataclass
+class Model:
+  """A Gemma model ready to run: config, params (nnx.State), graph definition and tokenizer.
+
+  Build one with `load(path)` (a converted checkpoint) or `Model.random(config)` (tests); `load(path,
+  mesh=...)` or `model.shard(mesh)` spread it over devices. With a layout, params, cache and batch are
+  placed by its rules and a batch is padded with idle rows to a multiple of the `data` axis (the padding
+  rows draw nothing and are never returned).
+  """
+
+  config: ModelConfig
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  tokenizer: Tokenizer | None = None
+  instruct: bool | None = None  # an instruction-tuned checkpoint? None: the source did not say
+  layout: Layout | None = None  # mesh and sharding rules; None: one device
+
+  @classmethod
+  def random(cls, config: ModelConfig, seed: int = 0, tokenizer: Tokenizer | None = None) -> "Model":
+    """A model with random weights (normal(0.02) matrices, zero norms), for tests and benchmarks.
+
+    Drawn with numpy: compiling JAX's threefry for every parameter takes longer than the tests.
+    """
+    graphdef, state = abstract_model(config)
+    rng = np.random.default_rng(seed)
+    draw = lambda path, x: (np.zeros(x.shape) if path.endswith("/scale") else 0.02 * rng.standard_normal(x.shape))
+    # In sorted official-name order: the draws do not depend on how the module tree orders its params.
+    abstract = flat_params(state)
+    set_flat_params(state, {p: jnp.asarray(draw(p, abstract[p]), abstract[p].dtype) for p in sorted(abstract)})
+    return cls(config, graphdef, state, tokenizer)
+
+  def shard(self, mesh: Mesh | str, rules: Rules | str = GENERATION) -> "Model":
+    """This model with its params copied onto a mesh (a Mesh or a spec like "data=1,model=-1")."""
+    layout = Layout.of(mesh, rules)
+    return dataclasses.replace(self, params=layout.shard_params(self.params), layout=layout)
+
+  @property
+  def decoder(self) -> Decoder:
+    """The static half of this model's compiled programs (graph definition and layout)."""
+    return Decoder(self.graphdef, self.layout)
+
+  @property
+  def engine(self) -> engine.Engine:
+    return engine.Engine(self.config, self.params, self.decoder)
+
+  # ---- ids: the one place they are checked ----
+
+  @property
+  def vocab_limit(self) -> int:
+    """Ids the model may emit: the tokenizer's pieces (Gemma 1/2 pad the embedding to 256128 rows)."""
+    return min(self.config.vocab_size, self.tokenizer.vocab_size if self.tokenizer else self.config.vocab_size)
+
+  def _require_tokenizer(self) -> Tokenizer:
+    if self.tokenizer is None:
+      raise GemmaError("this checkpoint has no tokenizer.model; pass token ids instead of text")
+    return self.tokenizer
+
+  def _check_id(self, i: int, what: str) -> int:
+    if not 0 <= i < self.config.vocab_size:
+      raise GemmaError(f"{what} is outside the vocabulary [0, {self.config.vocab_size})")
+    return i
+
+  def check_ids(self, ids: Sequence[int], what: str = "prompt") -> list[int]:
+    """Validates one token-id sequence: non-empty and every id inside the vocabulary."""
+    ids = [int(i) for i in ids]
+    if not ids:
+      raise GemmaError(f"empty {what}: give at least one token")
+    return [self._check_id(i, f"token id {i} at position {pos} of the {what}") for pos, i in enumerate(ids)]
+
+  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    """Text -> ids (BOS first unless add_bos=False)."""
+    return self._require_tokenizer().encode(text, add_bos=add_bos)
+
+  def decode_text(self, ids: Sequence[int]) -> str:
+    """Ids -> text; control tokens are dropped, -1 (no token) entries skipped."""
+    return self._require_tokenizer().decode([i for i in ids if i >= 0])
+
+  def stop_ids(self) -> list[int]:
+    """EOS and <end_of_turn>, read from the tokenizer."""
+    if self.tokenizer is None:
+      return []
+    return [i for i in (self.tokenizer.eos_id, self.tokenizer.end_of_turn_id) if i is not None and i >= 0]
+
+  def _stops_and_allowed(self, stop_ids: Sequence[int] | None, forbidden_ids: Sequence[int] | None,
+                         eng: engine.Engine) -> tuple[jax.Array, jax.Array]:
+    """(X,) int32 stop ids (default: stop_ids()) and the (V,) bool allowed mask, placed for a run."""
+    ids = [self._check_id(int(i), f"stop token id {i}")
+           for i in (self.stop_ids() if stop_ids is None else stop_ids)]
+    allowed = np.arange(self.config.vocab_size) < self.vocab_limit
+    for i in forbidden_ids or ():
+      allowed[self._check_id(int(i), f"forbidden token id {i}")] = False
+    return eng.put(np.asarray(ids or [-2], np.int32)), eng.put(allowed)  # -2 is never drawn: "no stop id"
+
+  # ---- token ids in, token ids out ----
+
+  def start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, cache_len: int | None = None,
+            cache_policy: str = "error") -> DecodeState:
+    """Validates prompts (ids, BOS included) and runs their prefill; the state run() continues.
+
+    cache_len: global-layer slots; default: prompt + max_new_tokens rounded up to a bucket.
+    cache_policy: "error" (a cache too small for prompt + max_new_tokens is an error) or "rolling"
+      (global layers keep the most recent cache_len tokens and forget older ones: quality drops once
+      the model needs tokens that fell out; sliding-window layers are unaffected).
+    """
+    check_max_new_tokens(max_new_tokens)
+    check_cache_policy(cache_policy)
+    if not prompts:
+      raise GemmaError("no prompts given")
+    rows = [self.check_ids(p, f"prompt {i}" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
+    return engine.start(self.engine, rows, max_new_tokens, cache_len=cache_len, rolling=cache_policy == "rolling")
+
+  def feed(self, state: DecodeState, ids: Sequence[Sequence[int]]) -> DecodeState:
+    """Appends ids to every row of a state (e.g. the next chat turn): only these tokens are run."""
+    return engine.feed(self.engine, state, [self.check_ids(r, "continuation") for r in ids])
+
+  def resize_cache(self, state: DecodeState, cache_len: int, rolling: bool = False) -> DecodeState:
+    """The state with its cache moved into one of cache_len global slots (rolling: global layers forget
+    the oldest tokens past it)."""
+    return engine.resize(self.engine, state, cache_len, rolling)
+
+  def run(self, state: DecodeState, max_new_tokens: int, sampling: Sampling, *,
+          stop_ids: Sequence[int] | None = None, forbidden_ids: Sequence[int] | None = None
+          ) -> tuple[list[list[int]], DecodeState]:
+    """Draws up to max_new_tokens more tokens per row in one compiled call: (new ids per row, state).
+
+    Rows stop on their own at a stop id (default: EOS and <end_of_turn>; kept in the output). Padding
+    rows of a sharded batch come back as empty lists.
+    """
+    check_max_new_tokens(max_new_tokens)
+    eng = self.engine
+    stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)
+    return engine.run(eng, state, int(max_new_tokens), eng.batch_sampling(sampling, state.pos.shape[0]), stops,
+                      allowed)
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                   temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+                   stop_ids: Sequence[int] | None = None, forbidden_ids: Sequence[int] | None = None,
+                   cache_len: int | None = None, cache_policy: str = "error") -> list[list[int]]:
+    """New ids for each prompt (lists of ids, BOS included); rows stop on their own.
+
+    Sampling settings are one value or one per prompt (see sampling.make_sampling); temperature 0 is
+    greedy. stop_ids default to EOS and <end_of_turn>; a stop id is kept in the output.
+    """
+    sampling = make_sampling(len(prompts), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             seed=seed)
+    eng = self.engine
+    stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)  # checked before any prefill
+    state = self.start(prompts, max_new_tokens, cache_len=cache_len, cache_policy=cache_policy)
+    rows, _ = engine.run(eng, state, int(max_new_tokens), eng.batch_sampling(sampling, state.pos.shape[0]), stops,
+                         allowed)
+    return rows[:len(prompts)]  # padding rows (a sharded batch) are dropped
+
+  # ---- text ----
+
+  def stream_state(self, state: DecodeState, max_new_tokens: int, sampling: Sampling, *, stop: Sequence[str] = (),
+                   chunk: int = 8, stop_ids: Sequence[int] | None = None,
+                   forbidden_ids: Sequence[int] | None = None, num_rows: int | None = None) -> TextStream:
+    """A TextStream continuing `state` for its first num_rows rows (default: all), `chunk` tokens per call.
+
+    After iterating it, `.state` is the final state and `.ids` each row's new ids.
+    """
+    check_max_new_tokens(max_new_tokens)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+      raise GemmaError(f"chunk must be an integer >= 1, got {chunk!r}")
+    tok, eng = self._require_tokenizer(), self.engine
+    stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)
+    sampling = eng.batch_sampling(sampling, state.pos.shape[0])
+    step = lambda st, steps: engine.run(eng, st, steps, sampling, stops, allowed, capacity=chunk)
+    return TextStream(tok, step, lambda st, rows: engine.mark_done(eng, st, rows), state,
+                      max_new_tokens=max_new_tokens, chunk=chunk, stop=check_stop_strings(stop),
+                      stop_ids=set(self.stop_ids() if stop_ids is None else stop_ids),
+                      num_rows=state.pos.shape[0] if num_rows is None else num_rows)
+
+  def _text_stream(self, texts: Sequence[str], max_new_tokens: int, stop: Sequence[str], chunk: int,
+                   kwargs: dict) -> tuple[list[list[int]], TextStream]:
+    """Prompt ids (tokenized once) and the stream of their continuations; kwargs as generate_ids()'s."""
+    tok = self._require_tokenizer()
+    for i, t in enumerate(texts):
+      if not isinstance(t, str) or not t:
+        raise GemmaError(f"empty prompt{'' if len(texts) == 1 else f' {i}'}: give some text")
+    kwargs = dict(kwargs)
+    sampling = make_sampling(len(texts), **{k: kwargs.pop(k) for k in SAMPLING_ARGS if k in kwargs})
+    state_kw = {k: kwargs.pop(k) for k in ("cache_len", "cache_policy") if k in kwargs}
+    stop = check_stop_strings(stop)
+    ids = [tok.encode(t) for t in texts]
+    state = self.start(ids, max_new_tokens, **state_kw)
+    return ids, self.stream_state(state, max_new_tokens, sampling, stop=stop, chunk=chunk, num_rows=len(texts),
+                                  **kwargs)
+
+  def stream(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
+             chunk: int = 8, **kwargs) -> Iterator[list[str]]:
+    """Yields, per compiled chunk of tokens, the new text of every row ("" for rows with none).
+
+    Text is only released once it is final: incomplete UTF-8 from byte-fallback tokens and any suffix
+    that may begin a stop string are held back, so joining the pieces gives exactly generate()'s text.
+    Keyword arguments are generate_ids()'s (sampling, stop_ids, forbidden_ids, cache).
+    """
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _, pieces = self._text_stream(texts, max_new_tokens, stop, chunk, kwargs)
+    yield from pieces
+
+  def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
+               **kwargs) -> list[Completion]:
+    """Prompt ids, new ids and new text for each prompt (see generate)."""
+    texts = list(prompts)
+    chunk = 16 if stop else engine.bucket(max_new_tokens)
+    ids, stream = self._text_stream(texts, max_new_tokens, stop, chunk, kwargs)
+    pieces = [""] * len(texts)
+    for deltas in stream:
+      pieces = [p + d for p, d in zip(pieces, deltas)]
+    return [Completion(p, new, text) for p, new, text in zip(ids, stream.ids, pieces)]
+
+  def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *, stop: Sequence[str] = (),
+               **kwargs) -> str | list[str]:
+    """Text continuation of one prompt (returns a str) or a list of prompts (returns a list).
+
+    stop: strings that end a row; the text ends before the first one. Other keyword arguments are
+    generate_ids()'s (temperature, top_k, top_p, min_p, seed, stop_ids, forbidden_ids, cache_len,
+    cache_policy). Stop tokens are not part of the text.
+    """
+    single = isinstance(prompts, str)
+    done = self.complete([prompts] if single else prompts, max_new_tokens, stop=stop, **kwargs)
+    return done[0].text if single else [c.text for c in done]
+
+  # ---- scoring ----
+
+  def logprobs(self, ids: Sequence[int]) -> np.ndarray:
+    """Teacher-forced log-probability of each token after the first: (len(ids) - 1,) float32."""
+    ids = self.check_ids(ids, "token sequence")
+    if len(ids) < 2:
+      raise GemmaError("scoring needs at least two tokens (BOS and one more)")
+    if len(ids) > self.config.max_seq_len:
+      raise GemmaError(f"sequence of {len(ids)} tokens exceeds the model's context of "
+                       f"{self.config.max_seq_len} tokens")
+    eng = self.engine
+    tokens, positions = engine.pad_rows([ids], [0], min(engine.bucket(len(ids)), self.config.max_seq_len))
+    out = self.decoder.token_logprobs(self.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")))
+    return np.asarray(out)[0, :len(ids) - 1]
+
+  def logits(self, ids: Sequence[int]) -> np.ndarray:
+    """Full-sequence logits (len(ids), V) float32 for one unpadded sequence (tests, analysis)."""
+    ids, eng = self.check_ids(ids, "token sequence"), self.engine
+    tokens = eng.put(np.asarray([ids], np.int32), ("B", "T"))
+    positions = eng.put(np.arange(len(ids), dtype=np.int32)[None], ("B", "T"))
+    return np.asarray(self.decoder.forward(self.params, tokens, positions))[0]
+
+
+def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | None = None,
+         rules: Rules | str = GENERATION) -> Model:
+  """Loads a converted checkpoint directory (see checkpoint.py) into a Model.
+
+  dtype: "float32" or "bfloat16"; default: the checkpoint's config (float32 for imports).
+  mesh: a Mesh (sharding.make_mesh) or a spec such as "data=1,model=-1": each param is restored
+    straight into its sharding under `rules` (each device reads only its slice); None: one device.
+  """
+  layout = None if mesh is None else Layout.of(mesh, rules)
+  loaded = checkpoint.load(path, dtype, layout)
+  proto = loaded.tokenizer_proto
+  return Model(loaded.config, loaded.graphdef, loaded.params, Tokenizer(proto) if proto is not None else None,
+               instruct=loaded.meta.get("instruct"), layout=layout)
