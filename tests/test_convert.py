@@ -10,10 +10,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
 import gemma_jax as gj
-from gemma_jax import checkpoint
 from gemma_jax.transformer import flat_params, set_flat_params
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.convert.official import infer_config

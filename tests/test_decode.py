@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import gemma_jax as gj
-from gemma_jax import decode
 from gemma_jax.cache import init_cache, layer_slots
 from gemma_jax.configs import TINY_PRESETS
 from gemma_jax.errors import GemmaError

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from conftest import DATA
-from gemma_jax import decode
 from gemma_jax.cache import init_cache
 
 GOLDEN = json.loads((DATA / "golden_270m.json").read_text())

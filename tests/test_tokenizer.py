@@ -17,7 +17,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_jax.convert.gguf_tokenizer import tokenizer_from_gguf
 from gemma_jax.errors import GemmaError
-from gemma_jax.tokenizer import Tokenizer, build_model_proto
+from gemma_jax.convert.gguf_tokenizer import build_model_proto
+from gemma_jax.tokenizer import Tokenizer
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "tokenizer_golden.json"
 SPACE = "\u2581"

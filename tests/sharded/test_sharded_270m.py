@@ -10,7 +10,6 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import gemma_jax as gj
 from gemma_jax import checkpoint, sample
