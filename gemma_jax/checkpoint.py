@@ -1,12 +1,16 @@
-"""Our checkpoint format: one directory with Orbax params, the config and the tokenizer.
+"""Our checkpoint format: one directory with Orbax params, the config, the tokenizer and a completion marker.
 
-  DIR/config.json      {"format": "gemma_jax", "version": 1, "config": {...ModelConfig...}, "source": ...}
-  DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections: layer_0/attn/q_einsum/w (D, N, H))
+  DIR/config.json      {"format": "gemma_jax", "version": 3, "config": {...ModelConfig...}, "source": ...}
+  DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections:
+                       layer_0/attn/q_einsum/w (D, N, H))
   DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
+  DIR/COMPLETE.json    written last: every param's shape, dtype and checksums
 
-The only module that imports Orbax (with train.py's CheckpointManager). Restores go straight into the requested dtype and shardings after
-the stored shapes are checked against the config, so a mismatch names the parameter and both shapes
-instead of failing deep inside Orbax or, worse, restoring silently.
+Writes are atomic (atomic.py): the directory is built under a temporary name and renamed into place once
+complete, so a directory without COMPLETE.json is an interrupted or foreign write, and every reader says so.
+Restores go straight into the requested dtype and shardings after the stored shapes are checked against
+the config, so a mismatch names the parameter and both shapes instead of failing deep inside Orbax or,
+worse, restoring silently; then each restored param is checked against its recorded checksum (`verify`).
 
 Arrays are stored in chunks of at most CHUNK_BYTES, so a sharded restore reads each device's slice
 chunk by chunk: no parameter is ever whole in host memory or on one device (a single-chunk array
@@ -19,7 +23,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from . import integrity
+from .atomic import atomic_directory
 from .configs import ModelConfig
 from .errors import GemmaError
 from .sharding import Layout
@@ -34,9 +40,11 @@ from .transformer import abstract_model, flat_params, param_shapes, set_flat_par
 from .tree import flatten, unflatten
 
 FORMAT = "gemma_jax"
-# 2: D-major projection layouts (q (D, N, H), kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones.
-VERSION = 2
+# 3: atomic writes with COMPLETE.json (checksums); 2: D-major projection layouts (q (D, N, H),
+# kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones.
+VERSION = 3
 CONFIG_FILE = "config.json"
+COMPLETE_FILE = "COMPLETE.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
 # Storage chunk size. Orbax splits the largest dimensions first (Gemma 3 270M's float32 (V, D) embedding
@@ -69,8 +77,14 @@ def check_params(config: ModelConfig, found: dict[str, tuple[int, ...]], where: 
 
 
 def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, Any], *,
-         tokenizer_proto: bytes | None = None, source: str = "", instruct: bool | None = None) -> pathlib.Path:
-  """Writes a checkpoint into the new directory `directory`.
+         tokenizer_proto: bytes | None = None, source: str = "", instruct: bool | None = None,
+         overwrite: bool = False) -> pathlib.Path:
+  """Writes a checkpoint into `directory` (new, or empty; overwrite=True replaces an existing one).
+
+  Atomic: everything is written under a temporary name beside `directory`, checked (every param listed
+  by Orbax with its shape and dtype), then COMPLETE.json is written and the directory renamed into
+  place. A failure (permission, disk full) raises a GemmaError naming the path and the cause and leaves
+  nothing behind; so does KeyboardInterrupt (re-raised).
 
   Args:
     config: the model's config; params must match it (checked first).
@@ -81,23 +95,44 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
     instruct: whether the weights are instruction-tuned (None: unknown); chat warns unless True.
   """
   directory = pathlib.Path(directory).absolute()
-  if directory.exists() and any(directory.iterdir()):
-    raise GemmaError(f"output directory {directory} already exists and is not empty")
-  check_params(config, {k: np.shape(v) for k, v in flatten(params).items()}, f"saving to {directory}")
-  directory.mkdir(parents=True, exist_ok=True)
-  # Orbax copies numpy leaves before writing (measured: +1 GB for the 270M); jax arrays it writes in
-  # place, and on CPU device_put aliases aligned numpy buffers, so only one copy is ever held.
-  params = jax.tree.map(jax.device_put, params)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / PARAMS_DIR, params,
-                    save_args=jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params))
-  checkpointer.wait_until_finished()
-  meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source,
-          "instruct": instruct}
-  (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  if tokenizer_proto is not None:
-    (directory / TOKENIZER_FILE).write_bytes(tokenizer_proto)
+  flat = flatten(params)
+  check_params(config, {k: np.shape(v) for k, v in flat.items()}, f"saving to {directory}")
+  with atomic_directory(directory, overwrite=overwrite) as tmp:
+    # Orbax copies numpy leaves before writing (measured: +1 GB for the 270M); jax arrays it writes in
+    # place, and on CPU device_put aliases aligned numpy buffers, so only one copy is ever held.
+    params = jax.tree.map(jax.device_put, params)
+    sums = integrity.record(flatten(params))
+    _write_orbax(tmp / PARAMS_DIR, params, directory)
+    stored = {k: (tuple(v.shape), str(jnp.dtype(v.dtype))) for k, v in stored_metadata(tmp).items()}
+    written = {k: (tuple(s["shape"]), s["dtype"]) for k, s in sums.items()}
+    if stored != written:
+      bad = sorted(set(stored.items()) ^ set(written.items()))[:4]
+      raise GemmaError(f"writing {directory}: Orbax stored other params than were given: {bad}")
+    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "source": source,
+            "instruct": instruct}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if tokenizer_proto is not None:
+      (tmp / TOKENIZER_FILE).write_bytes(tokenizer_proto)
+    integrity.write_marker(tmp / COMPLETE_FILE, sums)
   return directory
+
+
+def _write_orbax(path: pathlib.Path, params: dict[str, Any], directory: pathlib.Path) -> None:
+  """Orbax's synchronous save of the param tree, chunked; any failure is one GemmaError naming `directory`.
+
+  Synchronous (not StandardCheckpointer's async save): after a failed async save Orbax's signalling
+  threads kept the process from exiting.
+  """
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+  try:
+    checkpointer.save(path, args=ocp.args.PyTreeSave(params, save_args=save_args))
+  except GemmaError:
+    raise
+  except Exception as e:  # OSError, or tensorstore's ValueError/RuntimeError wrapping one
+    raise GemmaError(f"cannot write checkpoint {directory}: {integrity.cause(e)}") from None
+  finally:
+    checkpointer.close()
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -106,6 +141,8 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
   if not directory.exists():
     raise GemmaError(f"checkpoint directory {directory} does not exist")
   config_path = directory / CONFIG_FILE
+  if directory.is_dir() and not config_path.is_file() and (directory / PARAMS_DIR).exists():
+    raise GemmaError(incomplete(directory))
   if not directory.is_dir() or not config_path.is_file():
     raise GemmaError(f"{directory} is not a gemma_jax checkpoint (no {CONFIG_FILE}); "
                      "convert weights first with `python -m gemma_jax.convert SRC DST`")
@@ -118,7 +155,14 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
   if meta.get("version") != VERSION:
     raise GemmaError(f"{config_path} has format version {meta.get('version')}, this library reads "
                      f"version {VERSION}; convert the weights again with `python -m gemma_jax.convert`")
+  if not (directory / COMPLETE_FILE).is_file():
+    raise GemmaError(incomplete(directory))
   return meta
+
+
+def incomplete(directory: str | os.PathLike) -> str:
+  return (f"{directory} is an incomplete checkpoint (interrupted write?): delete it or convert again "
+          "(`python -m gemma_jax.convert SRC DST --overwrite` replaces it)")
 
 
 def config_from_meta(meta: dict[str, Any], directory: str | os.PathLike) -> ModelConfig:
@@ -142,17 +186,19 @@ def stored_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   try:
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
   except Exception as e:  # Orbax raises many types for corrupt metadata; name the file instead.
-    raise GemmaError(f"cannot read the Orbax metadata in {path}: {e}") from None
+    raise GemmaError(f"{directory} is damaged: cannot read the Orbax metadata in {path} ({integrity.cause(e)}); "
+                     "convert again") from None
   return flatten(tree)
 
 
-def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layout | None = None
-                ) -> tuple[nnx.GraphDef, nnx.State]:
+def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layout | None = None, *,
+                verify: bool = True) -> tuple[nnx.GraphDef, nnx.State]:
   """Restores params into config.dtype, each directly into its target sharding.
 
   Args:
     layout: a mesh and rules (sharding.Layout); each device reads only its own slice of each param.
       Default: everything on the first device.
+    verify: check every restored param against the checksums in COMPLETE.json (a mismatch names it).
   Returns:
     (graphdef, params) for nnx.merge; params is an nnx.State of jax arrays.
   """
@@ -175,16 +221,37 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
   # (+1: Orbax refuses a request that is not strictly below its limit.)
   limit = max([MIN_RESTORE_BYTES] + [_slice_read_bytes(flat[p], stored[p]) for p in flat]) + 1
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit / 1e9))
+  sums = integrity.read_marker(directory / COMPLETE_FILE) if verify else None
   restored: dict[str, Any] = {}
   for group in _restore_groups(flat):
-    target = unflatten({path: flat[path] for path in group})
-    args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
-                        target)
-    part = checkpointer.restore(directory / PARAMS_DIR, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=args, partial_restore=True))
-    restored.update(flatten(part))
+    part = _restore(checkpointer, directory, {path: flat[path] for path in group})
+    if sums is not None:
+      integrity.verify(part, sums, directory)
+    restored.update(part)
   set_flat_params(state, restored)
   return graphdef, state
+
+
+def _restore(checkpointer, directory: pathlib.Path, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
+  """{path: array} of these params; a param Orbax cannot read (missing or truncated files) is named."""
+  def read(paths):
+    target = unflatten({p: targets[p] for p in paths})
+    args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+                        target)
+    return flatten(checkpointer.restore(directory / PARAMS_DIR, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True)))
+
+  try:
+    return read(list(targets))
+  except Exception as e:  # tensorstore/Orbax errors of many types; find which param and say so
+    first = e
+  for path in targets:  # only on failure: one at a time, to name the damaged one
+    try:
+      read([path])
+    except Exception as e:
+      raise GemmaError(f"{directory} is damaged: parameter {path} cannot be read ({integrity.cause(e)}); "
+                       "convert again") from None
+  raise GemmaError(f"{directory} is damaged: {integrity.cause(first)}; convert again") from None
 
 
 def _slice_read_bytes(target: jax.ShapeDtypeStruct, stored) -> int:
@@ -232,11 +299,13 @@ class Loaded:
   meta: dict[str, Any]  # config.json: source, instruct, ...
 
 
-def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout | None = None) -> Loaded:
+def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout | None = None, *,
+         verify: bool = True) -> Loaded:
   """Config, graphdef, params, tokenizer proto and metadata from a checkpoint directory.
 
   dtype: "float32" or "bfloat16" to override the stored config's runtime dtype.
   layout: restore each param straight into the mesh's sharding (see load_params).
+  verify: check each param against its recorded checksum (see integrity.py).
   """
   meta = read_meta(directory)
   config = config_from_meta(meta, directory)
@@ -245,30 +314,6 @@ def load(directory: str | os.PathLike, dtype: str | None = None, layout: Layout 
       config = config.replace(dtype=dtype)
     except ValueError as e:
       raise GemmaError(str(e)) from None
-  graphdef, params = load_params(directory, config, layout)
+  graphdef, params = load_params(directory, config, layout, verify=verify)
   tok_path = pathlib.Path(directory) / TOKENIZER_FILE
   return Loaded(config, graphdef, params, tok_path.read_bytes() if tok_path.is_file() else None, meta)
-
-
-def read_orbax_tree(path: str | os.PathLike) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
-  """Any Orbax PyTree checkpoint (e.g. an official Kaggle one): its metadata now, its arrays on demand.
-
-  Returns:
-    ({flat path: shape}, restore) where restore() gives the nested dict of numpy arrays. Paths join
-    the stored keys with "/", so the official key "transformer/layer_0/attn/q_einsum" with leaf "w"
-    becomes "transformer/layer_0/attn/q_einsum/w".
-  """
-  path = pathlib.Path(path).absolute()
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    tree = checkpointer.metadata(path).item_metadata.tree
-  except Exception as e:  # Orbax raises many types for a folder that is not a checkpoint
-    raise GemmaError(f"{path} is not a readable Orbax checkpoint: {e}") from None
-  shapes = {k: tuple(v.shape) for k, v in flatten(tree).items()}
-  return shapes, lambda: checkpointer.restore(path)
-
-
-def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
-  """True for a folder that looks like an Orbax checkpoint (has _METADATA or _CHECKPOINT_METADATA)."""
-  path = pathlib.Path(path)
-  return path.is_dir() and ((path / "_METADATA").is_file() or (path / "_CHECKPOINT_METADATA").is_file())

@@ -126,9 +126,10 @@ class Model:
       raise GemmaError(f"empty {what}: give at least one token")
     return [self._check_id(i, f"token id {i} at position {pos} of the {what}") for pos, i in enumerate(ids)]
 
-  def encode(self, text: str, add_bos: bool = True) -> list[int]:
-    """Text -> ids (BOS first unless add_bos=False)."""
-    return self._require_tokenizer().encode(text, add_bos=add_bos)
+  def encode(self, text: str, add_bos: bool = True, parse_control: bool = False) -> list[int]:
+    """Text -> ids (BOS first unless add_bos=False); turn markers in the text stay text unless
+    parse_control=True (see Tokenizer.encode)."""
+    return self._require_tokenizer().encode(text, add_bos=add_bos, parse_control=parse_control)
 
   def decode_text(self, ids: Sequence[int]) -> str:
     """Ids -> text; control tokens are dropped, -1 (no token) entries skipped."""
@@ -241,7 +242,8 @@ class Model:
     sampling = make_sampling(len(texts), **{k: kwargs.pop(k) for k in SAMPLING_ARGS if k in kwargs})
     state_kw = {k: kwargs.pop(k) for k in ("cache_len", "cache_policy") if k in kwargs}
     stop = check_stop_strings(stop)
-    ids = [tok.encode(t) for t in texts]
+    parse = bool(kwargs.pop("parse_control", False))
+    ids = [tok.encode(t, parse_control=parse) for t in texts]
     state = self.start(ids, max_new_tokens, **state_kw)
     return ids, self.stream_state(state, max_new_tokens, sampling, stop=stop, chunk=chunk, num_rows=len(texts),
                                   **kwargs)
@@ -252,7 +254,8 @@ class Model:
 
     Text is only released once it is final: incomplete UTF-8 from byte-fallback tokens and any suffix
     that may begin a stop string are held back, so joining the pieces gives exactly generate()'s text.
-    Keyword arguments are generate_ids()'s (sampling, stop_ids, forbidden_ids, cache).
+    Keyword arguments are generate_ids()'s (sampling, stop_ids, forbidden_ids, cache), and
+    parse_control=True to let turn markers written in the prompts become their ids (Tokenizer.encode).
     """
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     _, pieces = self._text_stream(texts, max_new_tokens, stop, chunk, kwargs)
@@ -275,7 +278,7 @@ class Model:
 
     stop: strings that end a row; the text ends before the first one. Other keyword arguments are
     generate_ids()'s (temperature, top_k, top_p, min_p, seed, stop_ids, forbidden_ids, cache_len,
-    cache_policy). Stop tokens are not part of the text.
+    cache_policy), and parse_control (see stream). Stop tokens are not part of the text.
     """
     single = isinstance(prompts, str)
     done = self.complete([prompts] if single else prompts, max_new_tokens, stop=stop, **kwargs)

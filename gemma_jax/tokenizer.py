@@ -16,6 +16,7 @@ import operator
 from collections.abc import Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .errors import GemmaError
 
@@ -25,13 +26,19 @@ TOKENIZER_FILE = "tokenizer.model"
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+# Pieces that mark structure, not text: user-defined in the official model (so sentencepiece matches them
+# in raw text), but text from a user, a document or training data must never become them. The HTML tags
+# and whitespace runs that are also user-defined stay as they are: they are ordinary text to the model.
+CONTROL_TEXT = (START_OF_TURN, END_OF_TURN, "<start_of_image>", "<end_of_image>")
 
 class Tokenizer:
   """A sentencepiece tokenizer with the special ids read from its model.
 
   Build one from the bytes of a `tokenizer.model` (`Tokenizer(proto)`) or from the file
-  (`Tokenizer.from_file(path)`). Encoding text never produces a control id (`<bos>` typed as text is text);
-  `<start_of_turn>` and `<end_of_turn>` typed as text do become their ids, as with the official model.
+  (`Tokenizer.from_file(path)`). Encoding text never produces a control id: `<bos>` typed as text is text,
+  and so are the turn markers (`<start_of_turn>`, `<end_of_turn>`, see CONTROL_TEXT) unless the caller
+  asks for them with `encode(text, parse_control=True)` (what the official model and Hugging Face do by
+  default); the chat template (`chat_turn`) inserts their ids itself.
   """
 
   def __init__(self, model_proto: bytes, *, _where: str = "model_proto"):
@@ -52,6 +59,7 @@ class Tokenizer:
     if sp.get_piece_size() == 0:
       raise GemmaError(f"{_where} is not a sentencepiece model: it has no pieces")
     self._sp = sp
+    self._sp_text: spm.SentencePieceProcessor | None = None  # built on first use, see _text_processor
     self._proto = model_proto
     self._start_of_turn_id = self._lookup(START_OF_TURN)
     self._end_of_turn_id = self._lookup(END_OF_TURN)
@@ -75,11 +83,42 @@ class Tokenizer:
     i = self._sp.piece_to_id(piece)
     return i if self._sp.id_to_piece(i) == piece else None
 
-  def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-    """Token ids of `text`, with `<bos>` first (by default) and optionally `<eos>` last."""
+  def _text_processor(self) -> spm.SentencePieceProcessor:
+    """This model with the CONTROL_TEXT pieces made control pieces, which sentencepiece never matches in
+    input: text that spells them is encoded as ordinary text, everything else exactly as before."""
+    if self._sp_text is None:
+      proto = sp_pb2.ModelProto()
+      proto.ParseFromString(self._proto)
+      changed = False
+      for piece in proto.pieces:
+        if piece.piece in CONTROL_TEXT and piece.type == sp_pb2.ModelProto.SentencePiece.USER_DEFINED:
+          piece.type = sp_pb2.ModelProto.SentencePiece.CONTROL
+          changed = True
+      sp = self._sp
+      if changed:
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto.SerializeToString())
+      self._sp_text = sp
+    return self._sp_text
+
+  def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False, parse_control: bool = False
+             ) -> list[int]:
+    """Token ids of `text`, with `<bos>` first (by default) and optionally `<eos>` last.
+
+    parse_control: let `<start_of_turn>`, `<end_of_turn>` (and the image markers) written in the text
+      become their ids. Off by default, so that text from users, documents or training data cannot
+      inject turn markers; on, it matches the official tokenizer and Hugging Face.
+    Raises:
+      TypeError: text is not a str. GemmaError: it holds lone surrogates (no UTF-8 encoding).
+    """
     if not isinstance(text, str):
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
-    ids = self._sp.encode(text)
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise GemmaError(f"text is not valid Unicode: {e.reason} at character {e.start} "
+                       f"({text[e.start:e.end]!r}); pass a str of proper characters") from None
+    ids = (self._sp if parse_control else self._text_processor()).encode(text)
     if add_bos:
       ids.insert(0, self._require("bos_id", self.bos_id))
     if add_eos:

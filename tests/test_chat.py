@@ -16,7 +16,7 @@ def test_first_turn_uses_the_official_template(chat, model_270m):
   chat.send("What is the capital of France?")
   tok = model_270m.tokenizer
   want = tok.encode("<start_of_turn>user\nAnswer in one short sentence.\n\nWhat is the capital of France?"
-                    "<end_of_turn>\n<start_of_turn>model\n")
+                    "<end_of_turn>\n<start_of_turn>model\n", parse_control=True)
   assert chat.ids[:len(want)] == want and chat.last_fed == len(want)
 
 

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import gemma_jax as gj
+from gemma_jax import checkpoint
 from gemma_jax.transformer import flat_params, set_flat_params
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.convert.official import infer_config
@@ -231,8 +232,8 @@ def test_checkpoint_of_an_older_format_asks_to_convert_again(tiny_gguf, tmp_path
   meta = json.loads((ckpt / "config.json").read_text())
   meta["version"] = 1  # official (N, D, H) projection layouts
   (ckpt / "config.json").write_text(json.dumps(meta))
-  with pytest.raises(GemmaError, match=r"has format version 1, this library reads version 2; convert the "
-                                       r"weights again with `python -m gemma_jax.convert`"):
+  with pytest.raises(GemmaError, match=rf"has format version 1, this library reads version {checkpoint.VERSION}; "
+                                       r"convert the weights again with `python -m gemma_jax.convert`"):
     gj.load(ckpt)
 
 

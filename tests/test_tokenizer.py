@@ -97,7 +97,11 @@ def test_tiny_control_text_not_injected(tiny):
     ids = tiny.encode(text, add_bos=False)
     assert control_id not in ids and len(ids) == len(text), (text, ids)
     assert tiny.decode(ids) == text
-  assert tiny.encode("<start_of_turn>hello<end_of_turn>", add_bos=False) == [5, tiny.piece_to_id("hello"), 6]
+  assert tiny.encode("<start_of_turn>hello<end_of_turn>", add_bos=False, parse_control=True) == \
+      [5, tiny.piece_to_id("hello"), 6]
+  # By default text is text: the turn markers typed by a user are not their ids, and decode back exactly.
+  ids = tiny.encode("<start_of_turn>hello<end_of_turn>", add_bos=False)
+  assert 5 not in ids and 6 not in ids and tiny.decode(ids) == "<start_of_turn>hello<end_of_turn>"
 
 
 def test_tiny_special_ids_optional():
@@ -275,7 +279,9 @@ def test_france(gemma3):
 @pytest.mark.slow
 def test_golden_ids(gemma3, golden):
   assert len(golden) >= 60
-  wrong = [(e["text"], e["ids"], ids) for e in golden if (ids := gemma3.encode(e["text"])) != e["ids"]]
+  # The references (transformers, llama.cpp) parse the turn markers in text: so does parse_control=True.
+  wrong = [(e["text"], e["ids"], ids) for e in golden
+           if (ids := gemma3.encode(e["text"], parse_control=True)) != e["ids"]]
   assert not wrong, wrong[:3]
 
 
@@ -296,14 +302,20 @@ def test_gemma3_special_ids(gemma3):
 
 @pytest.mark.slow
 def test_gemma3_chat_and_control_text(gemma3):
-  assert gemma3.encode("<start_of_turn>", add_bos=False) == [105]
-  assert gemma3.encode("<end_of_turn>", add_bos=False) == [106]
+  assert gemma3.encode("<start_of_turn>", add_bos=False, parse_control=True) == [105]
+  assert gemma3.encode("<end_of_turn>", add_bos=False, parse_control=True) == [106]
   chat = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
-  assert gemma3.encode(chat).count(105) == 2
+  assert gemma3.encode(chat, parse_control=True).count(105) == 2
+  # Untrusted text (the default) never becomes a turn or image marker; other user-defined pieces (HTML
+  # tags, whitespace runs) still encode as the official model does.
+  for marker, i in [("<start_of_turn>", 105), ("<end_of_turn>", 106), ("<start_of_image>", 255999)]:
+    ids = gemma3.encode(f"{chat}{marker}", add_bos=False)
+    assert i not in ids and gemma3.decode(ids) == f"{chat}{marker}", marker
+  assert gemma3.encode("<table>  x") == gemma3.encode("<table>  x", parse_control=True)
   for piece in ["<bos>", "<eos>", "<pad>", "<unk>", "<mask>", "<unused5>", "<unused6241>"]:
     ids = gemma3.encode(f"say {piece} now", add_bos=False)
     assert gemma3.piece_to_id(piece) not in ids, (piece, ids)
     assert gemma3.decode(ids) == f"say {piece} now"
-  assert gemma3.encode("<start_of_image>", add_bos=False) == [255999]  # user-defined in the vocab
+  assert gemma3.encode("<start_of_image>", add_bos=False, parse_control=True) == [255999]  # user-defined
   # a space run longer than the longest whitespace piece (31) is cut longest-first
   assert gemma3.encode(" " * 40, add_bos=False) == [167, 145]

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any, Callable
 
 import numpy as np
+import orbax.checkpoint as ocp
 
 from .. import checkpoint
 from ..tree import flatten
@@ -23,6 +25,30 @@ from ..errors import GemmaError
 from .common import DeviceParams, Imported, looks_instruct, matching_preset
 
 PREFIX = "transformer/"
+
+
+def read_orbax_tree(path: str | os.PathLike) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+  """Any Orbax PyTree checkpoint (e.g. an official Kaggle one): its metadata now, its arrays on demand.
+
+  Returns:
+    ({flat path: shape}, restore) where restore() gives the nested dict of numpy arrays. Paths join
+    the stored keys with "/", so the official key "transformer/layer_0/attn/q_einsum" with leaf "w"
+    becomes "transformer/layer_0/attn/q_einsum/w".
+  """
+  path = pathlib.Path(path).absolute()
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    tree = checkpointer.metadata(path).item_metadata.tree
+  except Exception as e:  # Orbax raises many types for a folder that is not a checkpoint
+    raise GemmaError(f"{path} is not a readable Orbax checkpoint: {e}") from None
+  shapes = {k: tuple(v.shape) for k, v in flatten(tree).items()}
+  return shapes, lambda: checkpointer.restore(path)
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+  """True for a folder that looks like an Orbax checkpoint (has _METADATA or _CHECKPOINT_METADATA)."""
+  path = pathlib.Path(path)
+  return path.is_dir() and ((path / "_METADATA").is_file() or (path / "_CHECKPOINT_METADATA").is_file())
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], where: str) -> ModelConfig:
@@ -53,7 +79,7 @@ def import_official(path: str | os.PathLike, preset: str | None = None, progress
   where = str(path)
   if not pathlib.Path(path).exists():
     raise GemmaError(f"{path} does not exist")
-  raw_shapes, restore = checkpoint.read_orbax_tree(path)
+  raw_shapes, restore = read_orbax_tree(path)
   if not any(p.startswith(PREFIX) for p in raw_shapes):
     raise GemmaError(f"{where}: an Orbax checkpoint, but without the official '{PREFIX}...' keys")
   shapes = {p[len(PREFIX):]: s for p, s in raw_shapes.items() if p.startswith(PREFIX)}
