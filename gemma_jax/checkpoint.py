@@ -123,10 +123,13 @@ def _write_orbax(path: pathlib.Path, params: dict[str, Any], directory: pathlib.
   Synchronous (not StandardCheckpointer's async save): after a failed async save Orbax's signalling
   threads kept the process from exiting.
   """
+  integrity.check_free_space(path.parent, sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+                                              for x in jax.tree.leaves(params)), directory)
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
   try:
-    checkpointer.save(path, args=ocp.args.PyTreeSave(params, save_args=save_args))
+    with integrity.quiet_workers():
+      checkpointer.save(path, args=ocp.args.PyTreeSave(params, save_args=save_args))
   except GemmaError:
     raise
   except Exception as e:  # OSError, or tensorstore's ValueError/RuntimeError wrapping one

@@ -25,6 +25,9 @@ from .sampling import Sampling, next_token
 from .sharding import Layout, constrain, constrain_cache
 
 
+NONFINITE = -2  # decode_loop's token for a row whose logits held nan or inf (the row is then done)
+
+
 @struct.dataclass
 class DecodeState:
   """Where generation stands between calls of Decoder.decode_loop; all arrays, so it is a jit argument.
@@ -98,7 +101,8 @@ class Decoder:
       stop_ids: (X,) int32 ids that end a row (kept in the output).
       allowed: (V,) bool; tokens outside it (embedding padding rows, forbidden tokens) are never drawn.
     Returns:
-      tokens (B, capacity) int32, -1 where a row drew nothing, and the state to continue from. With a
+      tokens (B, capacity) int32, -1 where a row drew nothing, NONFINITE where its logits were not finite
+      (nan or inf: damaged weights, an overflow; the row is then done), and the state to continue from. With a
       layout, tokens, pos, done and step are replicated (hosts read them) and logits and cache are
       placed by the rules.
     """
@@ -116,12 +120,13 @@ class Decoder:
     def body(carry):
       i, out, st = carry
       tok = next_token(jnp.where(allowed, st.logits, -jnp.inf), sampling, st.step)
-      tok = jnp.where(st.done, -1, tok)
+      broken = ~jnp.all(jnp.isfinite(st.logits), axis=-1) & ~st.done
+      tok = jnp.where(st.done, -1, jnp.where(broken, NONFINITE, tok))
       out = out.at[:, i].set(tok)
       # Done rows feed padding (position -1): nothing is written to their cache slots.
       step = model(jnp.maximum(tok, 0)[:, None], jnp.where(st.done, -1, st.pos)[:, None], st.cache)
       st = DecodeState(logits=model.logits(step.hidden)[:, 0], pos=st.pos + (~st.done).astype(jnp.int32),
-                       done=st.done | jnp.isin(tok, stop_ids), step=st.step + 1, cache=step.cache)
+                       done=st.done | broken | jnp.isin(tok, stop_ids), step=st.step + 1, cache=step.cache)
       return i + 1, out, placed(st)
 
     out = constrain(layout, jnp.full((state.pos.shape[0], self.capacity), -1, jnp.int32))

@@ -13,8 +13,9 @@ multiple of the `data` axis; those rows draw nothing and are never returned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from flax import nnx
 
 from .cache import init_cache, resize_cache
 from .configs import ModelConfig
-from .decode import DecodeState, Decoder
+from .decode import NONFINITE, DecodeState, Decoder
 from .errors import GemmaError
 from .sampling import Sampling
 
@@ -46,6 +47,28 @@ def pad_rows(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) 
     tokens[r, :len(row)] = row
     positions[r, :len(row)] = start + np.arange(len(row))
   return tokens, positions
+
+
+@contextlib.contextmanager
+def memory_guard(what: str) -> Iterator[None]:
+  """Turns XLA's out-of-memory error (a page of allocator state) into one line that says what to reduce."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+      raise
+    raise GemmaError(f"out of memory {what}: reduce the batch size, the prompt length or the cache length "
+                     "(max_new_tokens / cache_len / --max-cache-len), or use bfloat16") from None
+
+
+def check_finite(out: np.ndarray) -> None:
+  """Raises if decode_loop marked a row whose logits were nan or inf (see decode.NONFINITE)."""
+  rows, steps = np.nonzero(out == NONFINITE)
+  if rows.size:
+    raise GemmaError(f"the model produced non-finite logits (nan or inf) for row {rows[0]} at new token "
+                     f"{steps[0]}: the weights may be damaged (load them with verification on) or bfloat16 "
+                     "overflowed (try float32)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +131,10 @@ def start(eng: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   b = eng.padded(len(prompts))
   idle = b - len(prompts)  # padding rows: no tokens (positions -1), done from the start
   tokens, positions = pad_rows(list(prompts) + [[]] * idle, [0] * b, t_pad)
-  cache = init_cache(cfg, b, cache_len, rolling=rolling, place=eng.place)
-  logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
-                                      cache, fresh=True)
+  with memory_guard(f"prefilling {len(prompts)} prompts of up to {longest} tokens into a cache of {cache_len}"):
+    cache = init_cache(cfg, b, cache_len, rolling=rolling, place=eng.place)
+    logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
+                                        cache, fresh=True)
   return DecodeState(logits=logits, pos=eng.put(np.array([len(r) for r in prompts] + [0] * idle, np.int32)),
                      done=eng.put(np.arange(b) >= len(prompts)), step=eng.put(np.int32(0)), cache=cache)
 
@@ -132,8 +156,9 @@ def feed(eng: Engine, state: DecodeState, rows: Sequence[Sequence[int]]) -> Deco
     raise GemmaError(f"the cache holds {min(fixed)} positions but feeding these ids reaches {end}; resize it "
                      "(cache.resize_cache) or use a rolling cache")
   tokens, positions = pad_rows(rows, np.asarray(state.pos), bucket(int(lengths.max())))
-  logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
-                                      state.cache)
+  with memory_guard(f"feeding {int(lengths.max())} tokens to {b} rows"):
+    logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
+                                        state.cache)
   return state.replace(logits=logits, pos=eng.put(np.asarray(state.pos) + lengths), done=eng.put(lengths == 0),
                        cache=cache)
 
@@ -148,9 +173,12 @@ def run(eng: Engine, state: DecodeState, steps: int, sampling: Sampling, stop_id
   sharded batch come back too (callers drop them).
   """
   capacity = bucket(steps) if capacity is None else capacity
-  out, state = eng.decoder.with_capacity(capacity).decode_loop(eng.params, state, sampling,
-                                                               eng.put(np.int32(steps)), stop_ids, allowed)
-  return [row[row >= 0].tolist() for row in np.asarray(out)], state
+  with memory_guard(f"generating for {state.pos.shape[0]} rows"):
+    out, state = eng.decoder.with_capacity(capacity).decode_loop(eng.params, state, sampling,
+                                                                 eng.put(np.int32(steps)), stop_ids, allowed)
+    out = np.asarray(out)
+  check_finite(out)
+  return [row[row >= 0].tolist() for row in out], state
 
 
 def mark_done(eng: Engine, state: DecodeState, rows: np.ndarray) -> DecodeState:

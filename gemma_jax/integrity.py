@@ -14,10 +14,16 @@ cast and ml_dtypes both do).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
-from typing import Any
+import re
+import shutil
+import sys
+import threading
+from typing import Any, Iterator
 
 import jax
 import ml_dtypes
@@ -93,9 +99,50 @@ def verify(restored: dict[str, jax.Array], sums: dict[str, dict[str, Any]], dire
 
 
 def cause(e: BaseException) -> str:
-  """The first line of an exception's message, or its type: tensorstore errors run to pages."""
+  """A one-line cause: the OS error's text ("no space left on device") where there is one, else the first
+  line of the message (tensorstore's run to pages)."""
   code = getattr(e, "errno", None)
+  found = re.search(r"os_error_code='?(\d+)", str(e))
+  if not code and found:
+    code = int(found.group(1))
   if code:
     return os.strerror(code).lower()
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   return lines[0][:300] if lines else type(e).__name__
+
+
+# Bytes a save needs beyond the arrays themselves (Orbax's metadata, config.json, the tokenizer).
+SPACE_MARGIN = 64 << 20
+
+
+def check_free_space(where: pathlib.Path, nbytes: int, directory: os.PathLike) -> None:
+  """A GemmaError before writing if the file system of `where` has less room than the arrays need.
+
+  Stored chunks are compressed, so this asks for at most what is needed: a save that passes can still
+  fail later (quota, another writer), and then fails with the same kind of message.
+  """
+  free = shutil.disk_usage(where).free
+  if free < nbytes + SPACE_MARGIN:
+    raise GemmaError(f"cannot write checkpoint {directory}: no space left on device (the params need "
+                     f"{nbytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free)")
+
+
+class _DropAll(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def quiet_workers() -> Iterator[None]:
+  """Holds back what Orbax's worker threads print about a failing save (for one full disk, 700 lines of
+  absl errors and asyncio tracebacks); the failure still reaches the caller as one exception."""
+  absl, drop = logging.getLogger("absl"), _DropAll()
+  hooks = sys.unraisablehook, threading.excepthook
+  absl.addFilter(drop)
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  try:
+    yield
+  finally:
+    absl.removeFilter(drop)
+    sys.unraisablehook, threading.excepthook = hooks

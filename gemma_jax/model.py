@@ -30,9 +30,16 @@ CACHE_POLICIES = ("error", "rolling")
 SAMPLING_ARGS = ("temperature", "top_k", "top_p", "min_p", "seed")
 
 
-def check_max_new_tokens(max_new_tokens) -> None:
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+def is_int(x) -> bool:
+  """An int or numpy integer, not a bool (True is an int to Python, never a token or a count here)."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+  """max_new_tokens as a Python int; a GemmaError unless it is an integer >= 1 (numpy integers count)."""
+  if not is_int(max_new_tokens) or max_new_tokens < 1:
     raise GemmaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  return int(max_new_tokens)
 
 
 def check_cache_policy(cache_policy: str) -> None:
@@ -114,17 +121,24 @@ class Model:
       raise GemmaError("this checkpoint has no tokenizer.model; pass token ids instead of text")
     return self.tokenizer
 
-  def _check_id(self, i: int, what: str) -> int:
+  def _check_id(self, i, what: str) -> int:
+    """i as an int inside the vocabulary; a GemmaError naming `what` otherwise (floats and strings too)."""
+    if not is_int(i):
+      raise GemmaError(f"{what} is not an integer token id ({type(i).__name__})")
     if not 0 <= i < self.config.vocab_size:
       raise GemmaError(f"{what} is outside the vocabulary [0, {self.config.vocab_size})")
-    return i
+    return int(i)
 
   def check_ids(self, ids: Sequence[int], what: str = "prompt") -> list[int]:
-    """Validates one token-id sequence: non-empty and every id inside the vocabulary."""
-    ids = [int(i) for i in ids]
+    """Validates one token-id sequence: non-empty and every id an integer inside the vocabulary."""
+    if is_int(ids):
+      raise GemmaError(f"the {what} is one id ({ids}); give a list of ids per prompt")
+    if isinstance(ids, (str, bytes)):
+      raise GemmaError(f"the {what} is text ({ids[:20]!r}); give token ids, or use generate() for text")
+    ids = list(np.asarray(ids).reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
     if not ids:
       raise GemmaError(f"empty {what}: give at least one token")
-    return [self._check_id(i, f"token id {i} at position {pos} of the {what}") for pos, i in enumerate(ids)]
+    return [self._check_id(i, f"token id {i!r} at position {pos} of the {what}") for pos, i in enumerate(ids)]
 
   def encode(self, text: str, add_bos: bool = True, parse_control: bool = False) -> list[int]:
     """Text -> ids (BOS first unless add_bos=False); turn markers in the text stay text unless
@@ -144,11 +158,12 @@ class Model:
   def _stops_and_allowed(self, stop_ids: Sequence[int] | None, forbidden_ids: Sequence[int] | None,
                          eng: engine.Engine) -> tuple[jax.Array, jax.Array]:
     """(X,) int32 stop ids (default: stop_ids()) and the (V,) bool allowed mask, placed for a run."""
-    ids = [self._check_id(int(i), f"stop token id {i}")
-           for i in (self.stop_ids() if stop_ids is None else stop_ids)]
+    ids = [self._check_id(i, f"stop token id {i}") for i in (self.stop_ids() if stop_ids is None else stop_ids)]
     allowed = np.arange(self.config.vocab_size) < self.vocab_limit
-    for i in forbidden_ids or ():
-      allowed[self._check_id(int(i), f"forbidden token id {i}")] = False
+    for i in forbidden_ids if forbidden_ids is not None else ():
+      allowed[self._check_id(i, f"forbidden token id {i}")] = False
+    if not allowed.any():
+      raise GemmaError("every token is forbidden: nothing could be generated")
     return eng.put(np.asarray(ids or [-2], np.int32)), eng.put(allowed)  # -2 is never drawn: "no stop id"
 
   # ---- token ids in, token ids out ----
@@ -162,12 +177,16 @@ class Model:
       (global layers keep the most recent cache_len tokens and forget older ones: quality drops once
       the model needs tokens that fell out; sliding-window layers are unaffected).
     """
-    check_max_new_tokens(max_new_tokens)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_cache_policy(cache_policy)
-    if not prompts:
-      raise GemmaError("no prompts given")
+    if cache_len is not None and (not is_int(cache_len) or cache_len < 1):
+      raise GemmaError(f"cache_len must be an integer >= 1, got {cache_len!r}")
+    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+      raise GemmaError("no prompts given" if len(prompts) == 0 else
+                       "prompts must be a list of token-id lists; for text use generate()")
     rows = [self.check_ids(p, f"prompt {i}" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
-    return engine.start(self.engine, rows, max_new_tokens, cache_len=cache_len, rolling=cache_policy == "rolling")
+    return engine.start(self.engine, rows, max_new_tokens, cache_len=None if cache_len is None else int(cache_len),
+                        rolling=cache_policy == "rolling")
 
   def feed(self, state: DecodeState, ids: Sequence[Sequence[int]]) -> DecodeState:
     """Appends ids to every row of a state (e.g. the next chat turn): only these tokens are run."""
@@ -186,10 +205,10 @@ class Model:
     Rows stop on their own at a stop id (default: EOS and <end_of_turn>; kept in the output). Padding
     rows of a sharded batch come back as empty lists.
     """
-    check_max_new_tokens(max_new_tokens)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     eng = self.engine
     stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)
-    return engine.run(eng, state, int(max_new_tokens), eng.batch_sampling(sampling, state.pos.shape[0]), stops,
+    return engine.run(eng, state, max_new_tokens, eng.batch_sampling(sampling, state.pos.shape[0]), stops,
                       allowed)
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *,
@@ -206,7 +225,7 @@ class Model:
     eng = self.engine
     stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)  # checked before any prefill
     state = self.start(prompts, max_new_tokens, cache_len=cache_len, cache_policy=cache_policy)
-    rows, _ = engine.run(eng, state, int(max_new_tokens), eng.batch_sampling(sampling, state.pos.shape[0]), stops,
+    rows, _ = engine.run(eng, state, check_max_new_tokens(max_new_tokens), eng.batch_sampling(sampling, state.pos.shape[0]), stops,
                          allowed)
     return rows[:len(prompts)]  # padding rows (a sharded batch) are dropped
 
@@ -219,8 +238,8 @@ class Model:
 
     After iterating it, `.state` is the final state and `.ids` each row's new ids.
     """
-    check_max_new_tokens(max_new_tokens)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if not is_int(chunk) or chunk < 1:
       raise GemmaError(f"chunk must be an integer >= 1, got {chunk!r}")
     tok, eng = self._require_tokenizer(), self.engine
     stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)
@@ -296,8 +315,14 @@ class Model:
                        f"{self.config.max_seq_len} tokens")
     eng = self.engine
     tokens, positions = engine.pad_rows([ids], [0], min(engine.bucket(len(ids)), self.config.max_seq_len))
-    out = self.decoder.token_logprobs(self.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")))
-    return np.asarray(out)[0, :len(ids) - 1]
+    with engine.memory_guard(f"scoring {len(ids)} tokens"):
+      out = self.decoder.token_logprobs(self.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")))
+      out = np.asarray(out)[0, :len(ids) - 1]
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+      raise GemmaError(f"the model produced a non-finite log-probability (nan or inf) for token {bad[0] + 1} "
+                       f"(id {ids[bad[0] + 1]}): the weights may be damaged, or bfloat16 overflowed (try float32)")
+    return out
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
     """Full-sequence logits (len(ids), V) float32 for one unpadded sequence (tests, analysis)."""

@@ -5,13 +5,14 @@ Written against Model's public methods only (start, feed, resize_cache, stream_s
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Iterator, Sequence
 
 from .decode import DecodeState
 from .engine import bucket
 from .errors import GemmaError
-from .model import Model, check_cache_policy, check_max_new_tokens
+from .model import Model, check_cache_policy, check_max_new_tokens, is_int
 from .sampling import make_sampling
 
 
@@ -21,6 +22,10 @@ class ChatSession:
   Each turn feeds only its own tokens (the earlier turns stay in the cache); the cache grows as the
   conversation does, up to max_cache_len (default: the model's context). Past that, cache_policy
   "error" raises and "rolling" makes global layers forget the oldest tokens.
+
+  One conversation is one sequence of turns: a session answers one message at a time, and a second
+  thread that sends while an answer is being generated gets a GemmaError (use one session per thread;
+  Model itself may be shared).
 
     chat = gj.ChatSession(model, system="Answer briefly.")
     print(chat.send("What is the capital of France?"))
@@ -38,6 +43,9 @@ class ChatSession:
       warnings.warn("chatting with a model not known to be instruction-tuned (a base model continues "
                     "text rather than answering); use an -it checkpoint for chat", stacklevel=2)
     check_cache_policy(cache_policy)
+    if max_cache_len is not None and (not is_int(max_cache_len) or max_cache_len < 1):
+      raise GemmaError(f"max_cache_len must be an integer >= 1, got {max_cache_len!r}")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     self.model, self.system, self.cache_policy = model, system, cache_policy
     self.max_cache_len = min(max_cache_len or model.config.max_seq_len, model.config.max_seq_len)
     self.max_new_tokens = max_new_tokens
@@ -47,6 +55,7 @@ class ChatSession:
     self._state: DecodeState | None = None
     self._cache_len = 0
     self._rolling = False
+    self._busy = threading.Lock()
 
   def send(self, text: str, **kwargs) -> str:
     """The model's whole answer to `text` (see stream for the keyword arguments)."""
@@ -56,7 +65,16 @@ class ChatSession:
              chunk: int = 8, stop_ids: Sequence[int] | None = None, forbidden_ids: Sequence[int] | None = None,
              **sampling) -> Iterator[str]:
     """Yields the answer's text as it is generated. Sampling settings override the session's."""
-    if not text or not text.strip():
+    if not self._busy.acquire(blocking=False):
+      raise GemmaError("this ChatSession is already answering a message (in another thread, or a stream not "
+                       "yet finished); a session takes one message at a time")
+    try:
+      yield from self._turn(text, max_new_tokens, stop, chunk, stop_ids, forbidden_ids, sampling)
+    finally:
+      self._busy.release()
+
+  def _turn(self, text, max_new_tokens, stop, chunk, stop_ids, forbidden_ids, sampling) -> Iterator[str]:
+    if not isinstance(text, str) or not text.strip():
       raise GemmaError("empty message: say something")
     model, tok = self.model, self.model.tokenizer
     max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
