@@ -128,7 +128,7 @@ def _write_orbax(path: pathlib.Path, params: dict[str, Any], directory: pathlib.
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
   try:
-    with integrity.quiet_workers():
+    with integrity.quiet_workers(str(path.parent)):
       checkpointer.save(path, args=ocp.args.PyTreeSave(params, save_args=save_args))
   except GemmaError:
     raise
@@ -187,7 +187,10 @@ def stored_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   if not path.is_dir():
     raise GemmaError(f"{directory} has no {PARAMS_DIR}/ directory: not a complete gemma_jax checkpoint")
   try:
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    meta = ocp.StandardCheckpointer().metadata(path)
+    if meta is None or meta.item_metadata is None:
+      raise ValueError("no readable _METADATA")
+    tree = meta.item_metadata.tree
   except Exception as e:  # Orbax raises many types for corrupt metadata; name the file instead.
     raise GemmaError(f"{directory} is damaged: cannot read the Orbax metadata in {path} ({integrity.cause(e)}); "
                      "convert again") from None

@@ -127,22 +127,41 @@ def check_free_space(where: pathlib.Path, nbytes: int, directory: os.PathLike) -
                      f"{nbytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free)")
 
 
-class _DropAll(logging.Filter):
+class _DropMentions(logging.Filter):
+  """Drops log records that mention `tag` (the temporary directory of a save; "" drops every record)."""
+
+  def __init__(self, tag: str):
+    super().__init__()
+    self.tag = tag
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return False
+    return self.tag not in record.getMessage()
 
 
 @contextlib.contextmanager
-def quiet_workers() -> Iterator[None]:
-  """Holds back what Orbax's worker threads print about a failing save (for one full disk, 700 lines of
-  absl errors and asyncio tracebacks); the failure still reaches the caller as one exception."""
-  absl, drop = logging.getLogger("absl"), _DropAll()
+def quiet_workers(tag: str) -> Iterator[None]:
+  """Holds back what Orbax's worker threads print about a failing save of `tag` (for one full disk, 700
+  lines of absl errors and asyncio tracebacks); the failure still reaches the caller as one exception.
+
+  While the save runs, the absl (Orbax's own errors) and asyncio loggers drop every record, and uncaught
+  exceptions of threads and unraisable ones are not printed. After a failure, a filter that drops only
+  records naming `tag` stays on both: asyncio logs "exception was never retrieved" for each failed write
+  whenever its future is collected, possibly long after.
+  """
+  loggers, everything, mentions = [logging.getLogger(n) for n in ("absl", "asyncio")], _DropMentions(""), \
+      _DropMentions(tag)
   hooks = sys.unraisablehook, threading.excepthook
-  absl.addFilter(drop)
+  for logger in loggers:
+    logger.addFilter(everything)  # while the save runs: its workers log errors without naming the path
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   try:
     yield
+  except BaseException:
+    for logger in loggers:
+      logger.addFilter(mentions)
+    raise
   finally:
-    absl.removeFilter(drop)
+    for logger in loggers:
+      logger.removeFilter(everything)
     sys.unraisablehook, threading.excepthook = hooks
