@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import gemma_jax as gj
-from gemma_jax import checkpoint, sample, score, sharding
+from gemma_jax import checkpoint, distributed, sample, score, sharding
 from gemma_jax.transformer import abstract_model
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.errors import GemmaError
@@ -184,7 +184,7 @@ def test_mesh_flag_on_one_device_equals_no_mesh(tmp_path, capsys):
     ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
 ])
 def test_cluster_detection(env, want):
-  assert sharding.cluster_detected(env) is want
+  assert distributed.cluster_detected(env) is want
 
 
 # ---- in other processes -------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_sharded_real_270m_on_8_devices(ckpt_270m):
 HOST = r"""
 import json, sys
 import numpy as np
-from gemma_jax import cli, sharding
+from gemma_jax import cli, distributed
 cli.start_processes(cli.argparse.Namespace(distributed=False))  # JAX_COORDINATOR_ADDRESS: detected
 import jax, jax.numpy as jnp
 import gemma_jax as gj
@@ -226,7 +226,7 @@ model = model.shard(sys.argv[1])
 tokens = model.generate_ids(json.loads(sys.argv[2]), max_new_tokens=10, stop_ids=[])
 print(json.dumps(tokens))
 # What chat does with its input: process 0's line (or end of input) reaches every process.
-lines = [sharding.broadcast_text("héllo" if jax.process_index() == 0 else "not this"), sharding.broadcast_text(None)]
+lines = [distributed.broadcast_text("héllo" if jax.process_index() == 0 else "not this"), distributed.broadcast_text(None)]
 print("broadcast", json.dumps(lines), file=sys.stderr)
 """
 
