@@ -18,9 +18,11 @@ from jax.sharding import PartitionSpec as P
 
 import gemma_jax as gj
 from gemma_jax import checkpoint, distributed, sample, score, sharding
-from gemma_jax.transformer import abstract_model
+from gemma_jax.transformer import abstract_model, flat_params
+from gemma_jax.tree import unflatten
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.errors import GemmaError
+from gemma_jax.plan import memory_plan
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -66,7 +68,7 @@ def test_rules_cover_every_parameter_and_cache_array_of_every_preset(rules):
   for cfg in [*PRESETS.values(), *TINY_PRESETS.values()]:
     params = abstract_model(cfg)[1]
     cache = jax.eval_shape(lambda: gj.init_cache(cfg, 4, 64))
-    rows = sharding.memory_plan(params, cache, rules, sizes)
+    rows = memory_plan(params, cache, rules, sizes)
     assert rows[-1].name == "total" and rows[-1].device_bytes < rows[-1].total_bytes, cfg.name
 
 
@@ -167,7 +169,7 @@ def test_plan_and_mesh_errors(argv, message, capsys):
 
 def test_mesh_flag_on_one_device_equals_no_mesh(tmp_path, capsys):
   model = gj.Model.random(TINY_PRESETS["tiny_gemma2_gqa"], seed=1)
-  ckpt = checkpoint.save(tmp_path / "ckpt", model.config, jax.tree.map(np.asarray, nnx.to_pure_dict(model.params)))
+  ckpt = checkpoint.save(tmp_path / "ckpt", model.config, jax.tree.map(np.asarray, unflatten(flat_params(model.params))))
   (tmp_path / "ids.json").write_text(json.dumps([2, 5, 9, 77, 13, 200]))
   runs = []
   for extra in ([], ["--mesh", "data=1,model=-1"]):
