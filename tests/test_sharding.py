@@ -169,7 +169,8 @@ def test_plan_and_mesh_errors(argv, message, capsys):
 
 def test_mesh_flag_on_one_device_equals_no_mesh(tmp_path, capsys):
   model = gj.Model.random(TINY_PRESETS["tiny_gemma2_gqa"], seed=1)
-  ckpt = checkpoint.save(tmp_path / "ckpt", model.config, jax.tree.map(np.asarray, unflatten(flat_params(model.params))))
+  params = jax.tree.map(np.asarray, unflatten(flat_params(model.params)))
+  ckpt = checkpoint.save(tmp_path / "ckpt", model.config, params)
   (tmp_path / "ids.json").write_text(json.dumps([2, 5, 9, 77, 13, 200]))
   runs = []
   for extra in ([], ["--mesh", "data=1,model=-1"]):
@@ -228,7 +229,8 @@ model = model.shard(sys.argv[1])
 tokens = model.generate_ids(json.loads(sys.argv[2]), max_new_tokens=10, stop_ids=[])
 print(json.dumps(tokens))
 # What chat does with its input: process 0's line (or end of input) reaches every process.
-lines = [distributed.broadcast_text("héllo" if jax.process_index() == 0 else "not this"), distributed.broadcast_text(None)]
+lines = [distributed.broadcast_text("héllo" if jax.process_index() == 0 else "not this"),
+         distributed.broadcast_text(None)]
 print("broadcast", json.dumps(lines), file=sys.stderr)
 """
 
