@@ -15,12 +15,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from .configs import LOCAL, ModelConfig
+from .shapes import CACHE_AXES
+from .sharding import pin
 
 EMPTY = -1
-
-# Logical axes (shapes.py alphabet) of each LayerCache array: the one place that states the cache layout.
-# init_cache builds shapes from it and sharding.py maps it to mesh axes, so a layout change is made here.
-CACHE_AXES: dict[str, tuple[str, ...]] = {"k": ("B", "S", "K", "H"), "v": ("B", "S", "K", "H"), "pos": ("B", "S")}
 
 
 @struct.dataclass
@@ -42,13 +40,8 @@ class LayerCache:
   shardings: tuple[tuple[str, jax.sharding.Sharding], ...] | None = struct.field(pytree_node=False, default=None)
 
   def _placed(self, field: str, x: jax.Array) -> jax.Array:
-    """x, laid out like this cache's `field`, constrained to where that array lives.
-
-    Without it XLA may compute a write split another way than the cache and gather the result back:
-    for GQA with kv heads that do not divide the model axis it split the scatter over K and all-gathered
-    the whole layer's cache on every decode step.
-    """
-    return x if self.shardings is None else jax.lax.with_sharding_constraint(x, dict(self.shardings)[field])
+    """x, laid out like this cache's `field`, pinned to where that array lives (sharding.pin says why)."""
+    return pin(x, None if self.shardings is None else dict(self.shardings)[field])
 
   @property
   def num_slots(self) -> int:

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
   model = load_model(args)
   import jax  # noqa: PLC0415
 
+  from .distributed import broadcast_text  # noqa: PLC0415
   from .session import ChatSession  # noqa: PLC0415
-  from .sharding import broadcast_text  # noqa: PLC0415
 
   kwargs = sampling_kwargs(args, model)
   stop, stop_ids, forbidden = kwargs.pop("stop"), kwargs.pop("stop_ids"), kwargs.pop("forbidden_ids")

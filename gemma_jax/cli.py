@@ -32,10 +32,10 @@ def start_processes(args: argparse.Namespace) -> None:
   """Joins the other hosts when asked (--distributed) or when the environment says so, and silences
   stdout on every process but 0, so a multi-host run prints its results once. Call before anything
   touches the devices. Errors still reach stderr from every process."""
-  from . import sharding  # noqa: PLC0415 (keep --help fast)
+  from . import distributed  # noqa: PLC0415 (keep --help fast)
 
-  if getattr(args, "distributed", False) or sharding.cluster_detected():
-    sharding.initialize_distributed()
+  if getattr(args, "distributed", False) or distributed.cluster_detected():
+    distributed.initialize_distributed()
     import jax  # noqa: PLC0415
 
     if jax.process_index() != 0:  # at the file-descriptor level: native libraries' output too

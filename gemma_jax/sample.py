@@ -53,48 +53,19 @@ def human(n: int) -> str:
 
 
 def print_plan(args) -> int:
-  """The memory plan: per-device bytes of params and KV cache, from shapes only."""
-  import jax  # noqa: PLC0415 (keep --help fast)
+  """The memory plan (plan.py): per-device bytes of params and KV cache, from shapes only."""
+  from . import plan  # noqa: PLC0415 (keep --help fast)
+  from .sharding import describe_mesh  # noqa: PLC0415
 
-  from . import checkpoint, sharding  # noqa: PLC0415
-  from .transformer import abstract_model  # noqa: PLC0415
-  from .cache import init_cache  # noqa: PLC0415
-  from .configs import get_preset  # noqa: PLC0415
-
-  if args.preset is not None and args.ckpt is not None:
-    raise GemmaError("--plan takes --preset or --ckpt, not both")
-  if args.preset is not None:
-    try:
-      config = get_preset(args.preset)
-    except ValueError as e:
-      raise GemmaError(str(e)) from None
-  elif args.ckpt is not None:
-    config = checkpoint.read_config(args.ckpt)
-  else:
-    raise GemmaError("--plan needs --preset NAME or --ckpt DIR")
-  # Accelerators run bfloat16 (the CLI's default there); a plan is made for them, wherever it runs.
-  config = config.replace(dtype=args.dtype or "bfloat16")
-  cache_len = config.max_seq_len if args.cache_len is None else args.cache_len
-  if not 1 <= cache_len <= config.max_seq_len:
-    raise GemmaError(f"--cache-len must be in [1, {config.max_seq_len}] (the model's context), got {cache_len}")
-  if args.batch_size < 1:
-    raise GemmaError(f"--batch-size must be >= 1, got {args.batch_size}")
-  spec = args.mesh or sharding.DEFAULT_MESH
-  sizes = sharding.parse_mesh_spec(spec, None)
-  params = abstract_model(config)[1]
-  cache = jax.eval_shape(lambda: init_cache(config, args.batch_size, cache_len))
-  rows = sharding.memory_plan(params, cache, sharding.GENERATION, sizes)
-  devices = sizes["data"] * sizes["model"]
+  config = plan.config_for(args.preset, args.ckpt)
+  p = plan.for_model(config, args.mesh or None, batch_size=args.batch_size, cache_len=args.cache_len, dtype=args.dtype)
   if args.json:
-    print(json.dumps({"model": config.name, "dtype": config.dtype, "mesh": sizes, "batch_size": args.batch_size,
-                      "cache_len": cache_len, "rules": sharding.GENERATION.name,
-                      "rows": [{"name": r.name, "total_bytes": r.total_bytes, "device_bytes": r.device_bytes}
-                               for r in rows]}))
+    print(json.dumps(p.to_dict()))
     return 0
-  print(f"{config.name} ({config.dtype}) on mesh {sharding.describe_mesh(sizes)} ({devices} devices), "
-        f"batch {args.batch_size}, cache {cache_len} tokens, {sharding.GENERATION.name} rules")
+  print(f"{p.model} ({p.dtype}) on mesh {describe_mesh(p.mesh)} ({p.devices} devices), "
+        f"batch {p.batch_size}, cache {p.cache_len} tokens, {p.rules} rules")
   print(f"{'':<20}{'total':>14}{'per device':>14}{'per device, bytes':>20}")
-  for r in rows:
+  for r in p.rows:
     print(f"{r.name:<20}{human(r.total_bytes):>14}{human(r.device_bytes):>14}{r.device_bytes:>20,}")
   print("params and KV cache only: activations, logits and XLA's temporaries come on top")
   return 0

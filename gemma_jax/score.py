@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
 
 from .cli import add_model_flags, load_model, main_wrapper, start_processes
 from .errors import GemmaError
+from .evaluate import perplexity
 
 
 def parse_args(argv):
@@ -62,8 +62,9 @@ def main(argv=None) -> int:
   pieces = (model.tokenizer.id_to_piece if model.tokenizer else str)
   for i, lp in zip(ids[1:], logprobs):
     print(f"{i}\t{pieces(i)!r}\t{lp:.4f}")
-  print(f"tokens: {len(logprobs)}  mean logprob: {sum(logprobs) / len(logprobs):.4f}  "
-        f"perplexity: {math.exp(-sum(logprobs) / len(logprobs)):.4f}")
+  summary = perplexity(logprobs)
+  print(f"tokens: {summary['tokens']}  mean logprob: {summary['mean_logprob']:.4f}  "
+        f"perplexity: {summary['perplexity']:.4f}")
   return 0
 
 

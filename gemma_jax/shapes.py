@@ -7,14 +7,25 @@
   H  head dimension             V  vocabulary rows
   L  layers                     C  a stacked pair of weights: [k, v] or [gate, up] (axis name "_")
 
-Shape annotations use jaxtyping with these letters, e.g. ``Float[Array, "B T D"]``.
+Shape annotations use jaxtyping with these letters, e.g. ``Float[Array, "B T D"]``; the test run checks
+them (tests/conftest.py installs jaxtyping's import hook), under jit on the tracers' shapes too. Sharding
+names array dimensions with the same letters (LOGICAL_AXES), and sharding.py maps them to mesh axes.
 """
 
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
+
+# Logical axis names of array dimensions: every letter above, with "_" for C, a stacked dimension that has
+# no sharding meaning. sharding.py's rule tables name exactly these.
+LOGICAL_AXES: tuple[str, ...] = tuple("BTSDFNKGHVL") + ("_",)
+
+# Logical axes of each cache.LayerCache array: the one place that states the cache layout. cache.init_cache
+# builds shapes from it and sharding.py places and constrains by it; it lives here so that both read it
+# without importing each other (cache.py pins its writes with sharding.pin).
+CACHE_AXES: dict[str, tuple[str, ...]] = {"k": ("B", "S", "K", "H"), "v": ("B", "S", "K", "H"), "pos": ("B", "S")}
 
 Tokens = Int[Array, "B T"]
-Positions = Int[Array, "B T"]
+Positions = Int[Array, "B T"]  # absolute positions, -1 marks padding
 Hidden = Float[Array, "B T D"]
 Logits = Float[Array, "B T V"]
 
-__all__ = ["Array", "Float", "Int", "Tokens", "Positions", "Hidden", "Logits"]
+__all__ = ["Array", "Bool", "Float", "Int", "CACHE_AXES", "LOGICAL_AXES", "Tokens", "Positions", "Hidden", "Logits"]

@@ -1,4 +1,4 @@
-"""Meshes, the partition rules for params, cache and batch, and multi-host start-up.
+"""Meshes and the partition rules for params, cache and batch.
 
 The only module that builds meshes. JAX does the distribution (jax.sharding, GSPMD inside jit,
 jax.distributed across hosts); this module says where every array goes:
@@ -8,7 +8,7 @@ jax.distributed across hosts); this module says where every array goes:
   layout.sharding(("B", "S", "K", "H"), shape)   # -> NamedSharding(mesh, P("data", None, "model", None))
 
 Every parameter carries its logical axes (layers.py: `nnx.Param(..., axes=("V", "D"))`), every cache
-array has them in cache.CACHE_AXES, and a rule set maps each logical axis (shapes.py alphabet) to a mesh
+array has them in shapes.CACHE_AXES, and a rule set maps each logical axis (shapes.py alphabet) to a mesh
 axis or to None (replicated). A parameter with an axis the rules do not name is an error, never a
 silent replication.
 
@@ -19,30 +19,33 @@ array is not used twice. What it means for the real models on a model axis of 8:
     `model`; the cache stays split over `data` by batch. Gemma 3 270M/1B also have N = 4 query heads, so
     q_einsum and attn_vec_einsum are replicated too; the MLP and the vocabulary stay split.
   - GQA with K < model (Gemma 2 27B on model=32: K = 16): kv weights and cache replicated over `model`.
-Replication costs memory, never correctness: `python -m gemma_jax.sample --plan` shows the bytes.
+Replication costs memory, never correctness: plan.py (`python -m gemma_jax.sample --plan`) shows the bytes.
+
+Every sharding constraint of the library is made here: Layout.constrain / constrain / constrain_cache for
+jitted outputs, and pin() for the cache's writes (cache.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .cache import CACHE_AXES, Cache
 from .errors import GemmaError
+from .shapes import CACHE_AXES, LOGICAL_AXES
+
+if TYPE_CHECKING:  # cache.py places its writes with pin(), so it imports this module, not the reverse
+  from .cache import Cache
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
 DEFAULT_MESH = "data=1,model=-1"
-# Every letter of shapes.py plus "_", a stacked dimension with no sharding meaning ([k, v], [gate, up]).
-LOGICAL_AXES = tuple("BTSDFNKGHVL") + ("_",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,117 +301,21 @@ def constrain(layout: Layout | None, x: jax.Array, axes: tuple[str, ...] | None 
 
 
 def constrain_cache(layout: Layout | None, cache: Cache) -> Cache:
+  """layout.constrain_cache(cache), or the cache unchanged without a layout (one device)."""
   return cache if layout is None else layout.constrain_cache(cache)
 
 
-# ---- memory plan ------------------------------------------------------------------------------------
+def pin(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """x constrained to `sharding` (inside jit), or x unchanged when there is none (one device).
 
-@dataclasses.dataclass(frozen=True)
-class PlanRow:
-  """One group of arrays: total bytes, and bytes on each device (the same on all: shards are even)."""
-
-  name: str
-  total_bytes: int
-  device_bytes: int
-
-
-def _group(path: str) -> str:
-  if path.startswith("embedder/"):
-    return "params: embedding"
-  if "/attn/" in path and not path.endswith("norm/scale"):
-    return "params: attention"
-  if "/mlp/" in path:
-    return "params: mlp"
-  return "params: norms"
-
-
-def memory_plan(params: nnx.State, cache: Cache, rules: Rules | str,
-                mesh: Mesh | Mapping[str, int]) -> list[PlanRow]:
-  """Per-device bytes of params and KV cache under the rules, from shapes alone (nothing allocated).
-
-  Args:
-    params: the model's (abstract) params, e.g. checkpoint.abstract_model(config)[1].
-    cache: the (abstract) cache, e.g. jax.eval_shape(lambda: cache.init_cache(config, batch, cache_len)).
-    mesh: a Mesh, or {"data": d, "model": m} to plan for devices this machine does not have.
-  Returns:
-    rows for the param groups, "params", "kv cache" and "total".
+  cache.LayerCache.write pins each update to where the cache array it goes into lives: without it XLA
+  may compute a write split another way than the cache and gather the result back (for GQA with kv heads
+  that do not divide the model axis it split the scatter over K and all-gathered the whole layer's cache
+  on every decode step).
   """
-  rules, sizes = get_rules(rules), mesh_sizes(mesh)
-  rows: dict[str, list[int]] = {}
-
-  def add(name, shape, dtype, axes, what):
-    spec = partition_spec(axes, shape, rules, sizes, what)
-    item = np.dtype(dtype).itemsize
-    for key in (name, "params" if name.startswith("params") else None):
-      if key:
-        acc = rows.setdefault(key, [0, 0])
-        acc[0] += math.prod(shape) * item
-        acc[1] += math.prod(shard_shape(shape, spec, sizes)) * item
-
-  for path, (axes, shape, dtype) in param_axes(params).items():
-    add(_group(path), shape, dtype, axes, f"parameter {path}")
-  for i, layer in enumerate(cache):
-    for f, axes in CACHE_AXES.items():
-      x = getattr(layer, f)
-      add("kv cache", x.shape, x.dtype, axes, f"cache layer {i} {f}")
-  order = sorted(k for k in rows if k.startswith("params: ")) + ["params", "kv cache"]
-  out = [PlanRow(k, *rows[k]) for k in order if k in rows]
-  out.append(PlanRow("total", rows["params"][0] + rows.get("kv cache", [0, 0])[0],
-                     rows["params"][1] + rows.get("kv cache", [0, 0])[1]))
-  return out
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-# ---- several hosts ----------------------------------------------------------------------------------
-
-def cluster_detected(env: Mapping[str, str] | None = None) -> bool:
-  """True when the environment says this process is one of several (so jax.distributed must start).
-
-  JAX_COORDINATOR_ADDRESS (read by jax.distributed itself), a SLURM job step of several tasks, or an
-  Open MPI job of several ranks. A TPU slice is not detectable from the environment alone: pass
-  --distributed there (jax.distributed then reads the TPU metadata).
-  """
-  env = os.environ if env is None else env
-  several = lambda key: env.get(key, "1").isdigit() and int(env.get(key, "1")) > 1
-  return bool(env.get("JAX_COORDINATOR_ADDRESS")) or (bool(env.get("SLURM_JOB_ID")) and several("SLURM_NTASKS")) \
-      or several("OMPI_COMM_WORLD_SIZE")
-
-
-def initialize_distributed(*, coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """jax.distributed.initialize(), before anything else touches the devices.
-
-  Unset arguments come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else from
-  jax's cluster detection (TPU slices, SLURM, Open MPI, Kubernetes). Every process then sees all
-  devices of all hosts (jax.devices()) and runs the same program.
-  """
-  env = os.environ
-  num_processes = num_processes or (int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None)
-  if process_id is None and env.get("JAX_PROCESS_ID"):
-    process_id = int(env["JAX_PROCESS_ID"])
-  try:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  except (RuntimeError, ValueError) as e:
-    raise GemmaError(f"cannot start jax.distributed: {e} (give --coordinator HOST:PORT, --num-processes N "
-                     "and --process-id I, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, "
-                     "unless the cluster is detected)") from None
-
-
-def broadcast_text(text: str | None) -> str | None:
-  """Process 0's text on every process (None passes through): e.g. a chat line read from its stdin."""
-  if jax.process_count() == 1:
-    return text
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-
-  data = b"\xff" if text is None else text.encode("utf-8")
-  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-  buf = np.zeros(n, np.uint8)
-  if jax.process_index() == 0:
-    buf[:] = np.frombuffer(data, np.uint8)
-  data = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)))
-  return None if data == b"\xff" else data.decode("utf-8")
-
-
-__all__ = ["DATA", "MODEL", "DEFAULT_MESH", "GENERATION", "TRAINING", "Layout", "PlanRow", "Rules",
-           "broadcast_text", "cluster_detected", "get_rules", "initialize_distributed", "make_mesh",
-           "memory_plan", "mesh_sizes", "parse_mesh_spec", "partition_spec", "shard_shape"]
+__all__ = ["DATA", "MODEL", "DEFAULT_MESH", "GENERATION", "TRAINING", "Layout", "Rules", "constrain",
+           "constrain_cache", "get_rules", "make_mesh", "mesh_sizes", "parse_mesh_spec", "partition_spec", "pin",
+           "shard_shape"]

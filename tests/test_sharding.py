@@ -17,10 +17,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import gemma_jax as gj
-from gemma_jax import checkpoint, sample, score, sharding
-from gemma_jax.transformer import abstract_model
+from gemma_jax import checkpoint, distributed, sample, score, sharding
+from gemma_jax.transformer import abstract_model, flat_params
+from gemma_jax.tree import unflatten
 from gemma_jax.configs import PRESETS, TINY_PRESETS
 from gemma_jax.errors import GemmaError
+from gemma_jax.plan import memory_plan
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -66,7 +68,7 @@ def test_rules_cover_every_parameter_and_cache_array_of_every_preset(rules):
   for cfg in [*PRESETS.values(), *TINY_PRESETS.values()]:
     params = abstract_model(cfg)[1]
     cache = jax.eval_shape(lambda: gj.init_cache(cfg, 4, 64))
-    rows = sharding.memory_plan(params, cache, rules, sizes)
+    rows = memory_plan(params, cache, rules, sizes)
     assert rows[-1].name == "total" and rows[-1].device_bytes < rows[-1].total_bytes, cfg.name
 
 
@@ -167,7 +169,8 @@ def test_plan_and_mesh_errors(argv, message, capsys):
 
 def test_mesh_flag_on_one_device_equals_no_mesh(tmp_path, capsys):
   model = gj.Model.random(TINY_PRESETS["tiny_gemma2_gqa"], seed=1)
-  ckpt = checkpoint.save(tmp_path / "ckpt", model.config, jax.tree.map(np.asarray, nnx.to_pure_dict(model.params)))
+  params = jax.tree.map(np.asarray, unflatten(flat_params(model.params)))
+  ckpt = checkpoint.save(tmp_path / "ckpt", model.config, params)
   (tmp_path / "ids.json").write_text(json.dumps([2, 5, 9, 77, 13, 200]))
   runs = []
   for extra in ([], ["--mesh", "data=1,model=-1"]):
@@ -184,7 +187,7 @@ def test_mesh_flag_on_one_device_equals_no_mesh(tmp_path, capsys):
     ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
 ])
 def test_cluster_detection(env, want):
-  assert sharding.cluster_detected(env) is want
+  assert distributed.cluster_detected(env) is want
 
 
 # ---- in other processes -------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def test_sharded_real_270m_on_8_devices(ckpt_270m):
 HOST = r"""
 import json, sys
 import numpy as np
-from gemma_jax import cli, sharding
+from gemma_jax import cli, distributed
 cli.start_processes(cli.argparse.Namespace(distributed=False))  # JAX_COORDINATOR_ADDRESS: detected
 import jax, jax.numpy as jnp
 import gemma_jax as gj
@@ -226,7 +229,8 @@ model = model.shard(sys.argv[1])
 tokens = model.generate_ids(json.loads(sys.argv[2]), max_new_tokens=10, stop_ids=[])
 print(json.dumps(tokens))
 # What chat does with its input: process 0's line (or end of input) reaches every process.
-lines = [sharding.broadcast_text("héllo" if jax.process_index() == 0 else "not this"), sharding.broadcast_text(None)]
+lines = [distributed.broadcast_text("héllo" if jax.process_index() == 0 else "not this"),
+         distributed.broadcast_text(None)]
 print("broadcast", json.dumps(lines), file=sys.stderr)
 """
 

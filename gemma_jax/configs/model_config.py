@@ -9,8 +9,6 @@ see ../shared/models.md.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from typing import Any
 
 LOCAL = "local"
@@ -109,11 +107,6 @@ class ModelConfig:
     scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
     return float(scalar) ** -0.5
 
-  @property
-  def num_groups(self) -> int:
-    """G: query heads that share one kv head."""
-    return self.num_heads // self.num_kv_heads
-
   def param_count(self) -> int:
     """Number of parameters, computed from the shapes (embedding counted once: it is tied)."""
     d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
@@ -138,12 +131,7 @@ class ModelConfig:
       raise ValueError(f"unknown ModelConfig fields {unknown}")
     return cls(**d)
 
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
 
 def tiled_pattern(num_local: int) -> tuple[str, ...]:
   """num_local LOCAL layers followed by one GLOBAL (Gemma 2: 1, Gemma 3: 5)."""
   return (LOCAL,) * num_local + (GLOBAL,)
-
-

@@ -17,7 +17,7 @@ import gguf as gguf_lib
 import numpy as np
 from tqdm import tqdm
 
-from ..configs import GLOBAL, LOCAL, ModelConfig
+from ..configs import OWN_LOCAL_ROPE_BASE, ModelConfig, family_defaults
 from ..errors import GemmaError
 from .common import (DeviceParams, Imported, attention_params, expect_shape, looks_instruct, matching_preset,
                      mlp_params)
@@ -95,24 +95,25 @@ def read_config(reader: gguf_lib.GGUFReader) -> ModelConfig:
               num_kv_heads=int(get("attention.head_count_kv", n)),
               head_dim=int(get("attention.key_length", d // n)))
   preset = matching_preset(family, **dims)
-  base = _f32(get("rope.freq_base", 10_000.0))
+  fam = family_defaults(family)
+  # What llama.cpp does not store for Gemma (the layer pattern, the norms, Gemma 3's local RoPE base of 10k,
+  # which it hard-codes) comes from the family; what it stores overrides the family's values.
+  base = _f32(get("rope.freq_base", 10_000.0))  # llama.cpp's value for a file without one, in every family
   fields: dict[str, Any] = dict(
-      name=preset.name if preset else f"{arch}_gguf", family=family, vocab_size=vocab_size, **dims,
-      norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
-      max_seq_len=int(get("context_length", 8192)),
+      fam, name=preset.name if preset else f"{arch}_gguf", vocab_size=vocab_size, **dims,
+      norm_eps=_f32(get("attention.layer_norm_rms_epsilon", fam["norm_eps"])),
+      max_seq_len=int(get("context_length", fam["max_seq_len"])),
       query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else None)
-  if family == 2:
-    fields.update(attention_pattern=(LOCAL, GLOBAL), sliding_window=int(get("attention.sliding_window", 4096)),
-                  attn_logits_softcap=_f32(get("attn_logit_softcapping", 50.0)),
-                  final_logits_softcap=_f32(get("final_logit_softcapping", 30.0)),
-                  use_post_attn_norm=True, use_post_ffw_norm=True, rope_base_local=base, rope_base_global=base)
-  elif family == 3:
-    # llama.cpp hard-codes the 5:1 pattern and the local base of 10k for gemma3 (not in the metadata).
-    fields.update(attention_pattern=(LOCAL,) * 5 + (GLOBAL,),
-                  sliding_window=int(get("attention.sliding_window", 512)), use_qk_norm=True,
-                  use_post_attn_norm=True, use_post_ffw_norm=True, rope_base_local=10_000.0,
-                  rope_base_global=base, rope_scale_global=_f32(get("rope.scaling.factor", 1.0)))
-  else:
+  if fam["sliding_window"] is not None:
+    fields["sliding_window"] = int(get("attention.sliding_window", fam["sliding_window"]))
+  # Soft-cap keys count only for a family that soft-caps (Gemma 2): llama.cpp reads them for gemma2 only.
+  for ours, key in (("attn_logits_softcap", "attn_logit_softcapping"),
+                    ("final_logits_softcap", "final_logit_softcapping")):
+    if fam[ours] is not None:
+      fields[ours] = _f32(get(key, fam[ours]))
+  if family in OWN_LOCAL_ROPE_BASE:  # the file's base and position scale are the global layers'
+    fields.update(rope_base_global=base, rope_scale_global=_f32(get("rope.scaling.factor", fam["rope_scale_global"])))
+  else:  # one RoPE on every layer, which ModelConfig does not scale
     fields.update(rope_base_local=base, rope_base_global=base)
   try:
     return ModelConfig(**fields)

@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..configs import GLOBAL, LOCAL, ModelConfig
+from ..configs import GLOBAL, LOCAL, OWN_LOCAL_ROPE_BASE, ModelConfig, family_defaults
 from ..errors import GemmaError
 from .common import (DeviceParams, Imported, attention_params, expect_shape, looks_instruct, matching_preset,
                      mlp_params)
@@ -71,24 +71,28 @@ def read_config(hf: dict[str, Any], vocab_size: int, where: str) -> ModelConfig:
   except (KeyError, TypeError, ValueError) as e:
     raise GemmaError(f"{where}: config.json lacks a usable {e}") from None
   preset = matching_preset(family, **dims)
-  local_base, _ = _rope(hf, "sliding_attention", 10_000.0)
+  fam = family_defaults(family)
+  # The family gives what config.json does not state (norms, QK-norm, the layer pattern's period); what it
+  # states overrides. Kept as the importer always read them: absent soft-caps are None and an absent
+  # rope_theta is 10k, in every family.
+  local_base, _ = _rope(hf, "sliding_attention", fam["rope_base_local"])
   global_base, global_scale = _rope(hf, "full_attention", 10_000.0)
   fields: dict[str, Any] = dict(
-      name=preset.name if preset else f"hf_{model_type}", family=family, vocab_size=vocab_size, **dims,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=int(hf.get("max_position_embeddings", 8192)),
+      fam, name=preset.name if preset else f"hf_{model_type}", vocab_size=vocab_size, **dims,
+      norm_eps=float(hf.get("rms_norm_eps", fam["norm_eps"])),
+      max_seq_len=int(hf.get("max_position_embeddings", fam["max_seq_len"])),
       query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
       attn_logits_softcap=hf.get("attn_logit_softcapping"),
       final_logits_softcap=hf.get("final_logit_softcapping"),
       rope_base_global=global_base, rope_scale_global=global_scale,
-      rope_base_local=local_base if family == 3 else global_base)
-  if family >= 2:
+      rope_base_local=local_base if family in OWN_LOCAL_ROPE_BASE else global_base)
+  if LOCAL in fam["attention_pattern"]:
     types = hf.get("layer_types")
-    if types is None:  # v4: Gemma 2 alternates, Gemma 3 has sliding_window_pattern (global every Nth)
-      every = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 2 if family == 2 else 6)))
+    if types is None:  # v4: sliding_window_pattern (global every Nth), by default the family's period
+      every = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", len(fam["attention_pattern"]))))
       types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(dims["num_layers"])]
     fields.update(attention_pattern=tuple(GLOBAL if t == "full_attention" else LOCAL for t in types),
-                  sliding_window=int(hf["sliding_window"]), use_post_attn_norm=True, use_post_ffw_norm=True,
-                  use_qk_norm=family == 3)
+                  sliding_window=int(hf["sliding_window"]))
   try:
     return ModelConfig(**fields)
   except (TypeError, ValueError) as e:
