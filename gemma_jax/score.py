@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
-from .cli import add_model_flags, load_model, main_wrapper, start_processes
+from .cli import add_model_flags, load_model, main_wrapper, run, start_processes
 from .errors import GemmaError
 from .evaluate import perplexity
 
@@ -28,7 +27,9 @@ def parse_args(argv):
 
 def read_tokens_file(path: str) -> list[int]:
   try:
-    data = json.loads(pathlib.Path(path).read_text())
+    data = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except UnicodeDecodeError as e:
+    raise GemmaError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
   except json.JSONDecodeError as e:
     raise GemmaError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(data, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in data):
@@ -69,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run(main)
