@@ -16,4 +16,5 @@ from .sharding import GENERATION, TRAINING, Layout, make_mesh
 from .tokenizer import Tokenizer
 
 __all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion",
-           "GemmaError", "Layout", "Model", "ModelConfig", "Tokenizer", "convert", "get_preset", "init_cache", "load", "make_mesh"]
+           "GemmaError", "Layout", "Model", "ModelConfig", "Tokenizer", "convert", "get_preset", "init_cache", "load",
+           "make_mesh"]
