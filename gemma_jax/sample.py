@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 from .cli import (add_model_flags, add_sampling_flags, load_model, main_wrapper, run, sampling_kwargs,
                   start_processes)
@@ -26,8 +27,9 @@ def parse_args(argv):
   add_sampling_flags(p, default_max_new=64)
   p.add_argument("--stream", action="store_true", help="print text as it is generated")
   p.add_argument("--json", action="store_true",
-                 help='print {"prompt_tokens": [...], "tokens": [...], "text": "..."} (a list for --batch-file; '
-                      "with --stream, one JSON line per piece: {\"row\": i, \"text\": ...})")
+                 help='print {"prompt_tokens": [...], "tokens": [...], "text": "..."} (for --batch-file a list, '
+                      'each with its "line" in the file; with --stream, one JSON line per piece: '
+                      '{"row": i, "text": ...})')
   plan = p.add_argument_group("memory plan (nothing is loaded)")
   plan.add_argument("--plan", action="store_true",
                     help="print the bytes of params and KV cache per device for --preset (or --ckpt's config) "
@@ -71,23 +73,25 @@ def print_plan(args) -> int:
   return 0
 
 
-def read_prompts(args) -> tuple[list[str], bool]:
+def read_prompts(args) -> tuple[list[str], list[int] | None]:
+  """The prompts, and for --batch-file the line number of each (blank lines are skipped, and said so)."""
   if args.prompt is not None:
     if not args.prompt:
       raise GemmaError("empty prompt: give some text with --prompt")
-    return [args.prompt], False
+    return [args.prompt], None
   try:
     lines = pathlib.Path(args.batch_file).read_text(encoding="utf-8").splitlines()
   except UnicodeDecodeError as e:
     raise GemmaError(f"{args.batch_file} is not UTF-8 text: {e}") from None
-  if not any(line.strip() for line in lines):
+  numbers = [i + 1 for i, line in enumerate(lines) if line.strip()]
+  if not numbers:
     raise GemmaError(f"{args.batch_file} holds no prompts (one per line)")
   blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
-  if blank:  # dropping them would shift every later result against its line
-    more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
-    raise GemmaError(f"{args.batch_file}: line {blank[0]} is blank{more}; every line is one prompt, so remove "
-                     "blank lines")
-  return lines, True
+  if blank:  # results are numbered by row: say which lines have none
+    shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+    print(f"note: {args.batch_file}: skipped {len(blank)} blank line{'s' * (len(blank) > 1)} ({shown}); "
+          "each result names its line", file=sys.stderr)
+  return [lines[i - 1] for i in numbers], numbers
 
 
 @main_wrapper
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
   if args.plan:
     return print_plan(args)
   start_processes(args)
-  prompts, batch = read_prompts(args)
+  prompts, lines = read_prompts(args)
+  batch = lines is not None
   model = load_model(args)
   kwargs = sampling_kwargs(args, model)
   if args.stream:
@@ -105,9 +110,10 @@ def main(argv=None) -> int:
         if not delta:
           continue
         if args.json:
-          print(json.dumps({"row": row, "text": delta}, ensure_ascii=False), flush=True)
+          line = {"line": lines[row]} if batch else {}
+          print(json.dumps({"row": row, **line, "text": delta}, ensure_ascii=False), flush=True)
         elif batch:
-          print(f"[{row}] {delta!r}", flush=True)
+          print(f"[{row}] (line {lines[row]}) {delta!r}", flush=True)
         else:
           print(delta, end="", flush=True)
     if not args.json and not batch:
@@ -115,11 +121,12 @@ def main(argv=None) -> int:
     return 0
   done = model.complete(prompts, args.max_new_tokens, **kwargs)
   if args.json:
-    objs = [{"prompt_tokens": c.prompt_ids, "tokens": c.ids, "text": c.text} for c in done]
+    objs = [{**({"line": lines[i]} if batch else {}), "prompt_tokens": c.prompt_ids, "tokens": c.ids, "text": c.text}
+            for i, c in enumerate(done)]
     print(json.dumps(objs if batch else objs[0], ensure_ascii=False))
   else:
     for i, c in enumerate(done):
-      print(f"[{i}] {c.text}" if batch else c.text)
+      print(f"[{i}] (line {lines[i]}) {c.text}" if batch else c.text)
   return 0
 
 

@@ -39,13 +39,13 @@ class ChatSession:
       raise GemmaError("this checkpoint has no tokenizer.model; pass token ids instead of text")
     if tok.start_of_turn_id is None or tok.end_of_turn_id is None:
       raise GemmaError("this tokenizer has no <start_of_turn>/<end_of_turn> pieces: not a chat model")
-    if model.instruct is not True:
-      warnings.warn("chatting with a model not known to be instruction-tuned (a base model continues "
-                    "text rather than answering); use an -it checkpoint for chat", stacklevel=2)
     check_cache_policy(cache_policy)
     if max_cache_len is not None and (not is_int(max_cache_len) or max_cache_len < 1):
       raise GemmaError(f"max_cache_len must be an integer >= 1, got {max_cache_len!r}")
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    if model.instruct is not True:  # after the checks: a bad setting is one error, not a warning and an error
+      warnings.warn("chatting with a model not known to be instruction-tuned (a base model continues "
+                    "text rather than answering); use an -it checkpoint for chat", stacklevel=2)
     self.model, self.system, self.cache_policy = model, system, cache_policy
     self.max_cache_len = min(max_cache_len or model.config.max_seq_len, model.config.max_seq_len)
     self.max_new_tokens = max_new_tokens

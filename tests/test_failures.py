@@ -325,6 +325,158 @@ def test_a_session_takes_one_message_at_a_time(model_270m):
 
 @pytest.mark.parametrize("kw, message", [(dict(max_cache_len=0), "max_cache_len must be an integer >= 1, got 0"),
                                          (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1")])
-def test_bad_chat_settings(model_270m, kw, message):
+def test_bad_chat_settings(model_270m, kw, message, recwarn):
   with pytest.raises(GemmaError, match=message):
     gj.ChatSession(model_270m, **kw)
+  assert not recwarn.list  # the error alone, before the base-model warning
+
+
+# ---- the CLIs: one line, never a hang --------------------------------------------------------------
+
+def cli(args, *, stdin=None, env=None, timeout=TIMEOUT, shell_stdin_closed=False):
+  """A CLI in a subprocess: (returncode, stdout, stderr)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  cmd = [sys.executable, "-m", *args]
+  if shell_stdin_closed:  # `<&-`: file descriptor 0 closed, as a shell does it
+    cmd = ["bash", "-c", " ".join(f"'{c}'" for c in cmd) + " <&-"]
+  out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+  return out.returncode, out.stdout, out.stderr
+
+
+def assert_one_error_line(code, err, message):
+  assert code == 2 and "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: {message}"), err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  from gguf_writer import write_gguf
+
+  cfg = TINY_PRESETS["tiny_gemma3_qk"].replace(query_pre_attn_scalar=None)  # GGUF stores no query scale
+  path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+  write_gguf(path, cfg, {k: np.asarray(v) for k, v in flat_params(gj.Model.random(cfg).params).items()})
+  return path
+
+
+# The convert CLI with hooks: "nospacecheck" lets a full disk fail inside Orbax; "slow" stops before the
+# completion marker (printing SAVING) so that a signal can arrive in the middle of the write.
+CONVERT_SCRIPT = """
+import sys, time
+from gemma_jax import integrity
+if "nospacecheck" in sys.argv:
+  integrity.check_free_space = lambda *a: None
+if "slow" in sys.argv:
+  write = integrity.write_marker
+  def slow(*a):
+    print("SAVING", flush=True)
+    time.sleep(60)
+    write(*a)
+  integrity.write_marker = slow
+from gemma_jax.cli import run
+from gemma_jax.convert.__main__ import main
+sys.argv = ["convert", *[a for a in sys.argv[1:] if a not in ("nospacecheck", "slow")], "--no-progress"]
+run(main)
+"""
+
+
+def convert_cli(*args, timeout=TIMEOUT):
+  out = subprocess.run([sys.executable, "-c", CONVERT_SCRIPT, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+  return out.returncode, out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("hook", ["", "nospacecheck"], ids=["space-check", "inside-orbax"])
+def test_convert_cli_onto_a_full_disk(tiny_gguf, mounted, hook):
+  target = mounted("size=64k") / "ckpt"
+  code, _, err = convert_cli(tiny_gguf, target, *([hook] if hook else []))
+  assert_one_error_line(code, err, f"cannot write checkpoint {target}: no space left on device")
+  assert list(target.parent.iterdir()) == []
+
+
+def test_convert_cli_into_a_read_only_directory(tiny_gguf, mounted):
+  point = mounted("ro,size=1m")
+  code, _, err = convert_cli(tiny_gguf, point / "ckpt")
+  assert_one_error_line(code, err, f"cannot write {point / 'ckpt'}: read-only file system")
+
+
+def test_convert_cli_interrupted_then_overwritten(tiny_gguf, tmp_path):
+  target = tmp_path / "ckpt"
+  proc = subprocess.Popen([sys.executable, "-c", CONVERT_SCRIPT, str(tiny_gguf), str(target), "slow"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    assert proc.stdout.readline().strip() == "SAVING"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130 and err.strip() == "interrupted", err[-3000:]
+  assert not target.exists() and debris(target) == []
+  # A directory left incomplete some other way: readers say so, and --overwrite replaces it.
+  target.mkdir()
+  (target / "params").mkdir()
+  code, _, err = cli(["gemma_jax.score", "--ckpt", str(target), "--text", "hello"])
+  assert_one_error_line(code, err, f"{target} is an incomplete checkpoint (interrupted write?)")
+  code, _, err = convert_cli(tiny_gguf, target)
+  assert_one_error_line(code, err, f"output {target} already exists and is not an empty directory (pass")
+  code, out, err = convert_cli(tiny_gguf, target, "--overwrite")
+  assert code == 0 and out.strip() == f"wrote {target}" and (target / checkpoint.COMPLETE_FILE).is_file(), err
+
+
+def test_no_verify_flag(ckpt_270m, tmp_path):
+  import shutil
+
+  ckpt = pathlib.Path(shutil.copytree(ckpt_270m, tmp_path / "ckpt"))
+  marker = json.loads((ckpt / checkpoint.COMPLETE_FILE).read_text())
+  marker["params"]["final_norm/scale"]["sum32"]["float32"] ^= 1
+  (ckpt / checkpoint.COMPLETE_FILE).write_text(json.dumps(marker))
+  base = ["gemma_jax.score", "--ckpt", str(ckpt), "--text", "The capital of France is", "--json"]
+  code, _, err = cli(base)
+  assert_one_error_line(code, err, f"{ckpt} is damaged: parameter final_norm/scale does not match its checksum")
+  code, out, err = cli(base + ["--no-verify"])
+  assert code == 0 and len(json.loads(out)["logprobs"]) == 5, err
+
+
+def test_a_closed_pipe_ends_quietly(ckpt_270m):
+  proc = subprocess.Popen([sys.executable, "-m", "gemma_jax.sample", "--ckpt", str(ckpt_270m), "--prompt",
+                           "The capital of France is", "--max-new-tokens", "48", "--stream"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    assert len(proc.stdout.read(5)) == 5  # `| head -c 5`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(TIMEOUT)
+  finally:
+    proc.kill()
+  assert proc.returncode in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err, err[-3000:]
+
+
+def test_cli_input_errors_are_one_line(ckpt_270m, tmp_path):
+  (tmp_path / "ff.json").write_bytes(b"[2, 3\xff]")
+  code, _, err = cli(["gemma_jax.score", "--ckpt", str(ckpt_270m), "--tokens-file", str(tmp_path / "ff.json")])
+  assert_one_error_line(code, err, f"{tmp_path / 'ff.json'} is not UTF-8 text (byte 0xff at offset 5)")
+  (tmp_path / "cache").write_text("a file")
+  code, _, err = cli(["gemma_jax.sample", "--prompt", "hi"], env={"GEMMA_JAX_CACHE": str(tmp_path / "cache")})
+  assert_one_error_line(code, err, f"GEMMA_JAX_CACHE {tmp_path / 'cache'} is a file, not a directory")
+  code, _, err = cli(["gemma_jax.chat", "--ckpt", str(ckpt_270m), "--max-cache-len", "0"])
+  assert_one_error_line(code, err, "max_cache_len must be an integer >= 1, got 0")
+
+
+def test_blank_batch_lines_are_skipped_and_said(ckpt_270m, tmp_path):
+  (tmp_path / "p.txt").write_text("The capital of France is\n\n\ndef add(a, b):\n\n")
+  code, out, err = cli(["gemma_jax.sample", "--ckpt", str(ckpt_270m), "--batch-file", str(tmp_path / "p.txt"),
+                        "--max-new-tokens", "2", "--json"])
+  assert code == 0, err
+  assert err.strip() == f"note: {tmp_path / 'p.txt'}: skipped 3 blank lines (2, 3, 5); each result names its line"
+  assert [o["line"] for o in json.loads(out)] == [1, 4]
+
+
+def test_chat_goes_on_after_a_failed_message_and_survives_a_closed_stdin(ckpt_270m):
+  base = ["gemma_jax.chat", "--ckpt", str(ckpt_270m), "--max-new-tokens", "4", "--max-cache-len", "64"]
+  code, out, err = cli(base, stdin="word " * 100 + "\nHi\n")
+  assert code == 0, err
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "but the cache holds 64" in errors[0] and "Traceback" not in err
+  assert out.strip()  # the second message was answered
+  code, out, err = cli(base, shell_stdin_closed=True)
+  assert code == 0 and out == "" and "Traceback" not in err, err[-3000:]
