@@ -480,3 +480,20 @@ def test_chat_goes_on_after_a_failed_message_and_survives_a_closed_stdin(ckpt_27
   assert out.strip()  # the second message was answered
   code, out, err = cli(base, shell_stdin_closed=True)
   assert code == 0 and out == "" and "Traceback" not in err, err[-3000:]
+
+
+def test_a_model_can_be_shared_by_threads():
+  model = tiny_model()
+  prompts = [[[2, 5, 6]], [[2, 9, 8, 7]], [[2, 40, 41]], [[2, 3]]]
+  want = [model.generate_ids(p, max_new_tokens=6, stop_ids=[], temperature=0.9, seed=i) for i, p in enumerate(prompts)]
+  got = [None] * len(prompts)
+
+  def work(i):
+    got[i] = model.generate_ids(prompts[i], max_new_tokens=6, stop_ids=[], temperature=0.9, seed=i)
+
+  threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(TIMEOUT)
+  assert got == want
