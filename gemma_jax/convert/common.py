@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -83,3 +83,50 @@ def attention_params(cfg: ModelConfig, q: np.ndarray, k: np.ndarray, v: np.ndarr
 def mlp_params(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
   """gate, up (F, D) and down (D, F) -> {"gating_einsum/w": (F, 2, D), "linear/w": (F, D)}."""
   return {"gating_einsum/w": np.stack([gate, up], axis=1), "linear/w": np.ascontiguousarray(down.T)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockNames:
+  """One format's tensor names in block i (templates formatted with i) and the norms it stores.
+
+  norms: {format's norm name template: our norm} (e.g. HF Gemma 1's post_attention_layernorm is our
+  pre_ffw_norm); a norm the config does not use is not read.
+  """
+
+  q: str
+  k: str
+  v: str
+  o: str
+  gate: str
+  up: str
+  down: str
+  q_norm: str
+  k_norm: str
+  norms: dict[str, str]
+
+
+Take = Callable[[str, tuple[int, ...]], np.ndarray]
+
+
+def block_params(cfg: ModelConfig, i: int, names: BlockNames, take: Take, take_norm: Take) -> dict[str, np.ndarray]:
+  """Our params of block i under their official names ("layer_{i}/attn/q_einsum/w", ...).
+
+  take(name, shape) reads one projection in the torch/GGUF "out_features x in_features" layout;
+  take_norm(name, shape) one norm weight, zero-centred as ours are (GGUF's stored +1 removed by the caller).
+  """
+  d, f, h, n, k = cfg.embed_dim, cfg.hidden_dim, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+  name = lambda template: template.format(i=i)
+  attn = attention_params(cfg, take(name(names.q), (n * h, d)), take(name(names.k), (k * h, d)),
+                          take(name(names.v), (k * h, d)), take(name(names.o), (d, n * h)))
+  mlp = mlp_params(take(name(names.gate), (f, d)), take(name(names.up), (f, d)), take(name(names.down), (d, f)))
+  out = {f"layer_{i}/attn/{key}": val for key, val in attn.items()}
+  out.update({f"layer_{i}/mlp/{key}": val for key, val in mlp.items()})
+  unused = {"post_attention_norm"} if not cfg.use_post_attn_norm else set()
+  unused |= {"post_ffw_norm"} if not cfg.use_post_ffw_norm else set()
+  for template, ours in names.norms.items():
+    if ours not in unused:
+      out[f"layer_{i}/{ours}/scale"] = take_norm(name(template), (d,))
+  if cfg.use_qk_norm:
+    out[f"layer_{i}/attn/_query_norm/scale"] = take_norm(name(names.q_norm), (h,))
+    out[f"layer_{i}/attn/_key_norm/scale"] = take_norm(name(names.k_norm), (h,))
+  return out

@@ -19,16 +19,21 @@ from tqdm import tqdm
 
 from ..configs import OWN_LOCAL_ROPE_BASE, ModelConfig, family_defaults
 from ..errors import GemmaError
-from .common import (DeviceParams, Imported, attention_params, expect_shape, looks_instruct, matching_preset,
-                     mlp_params)
+from .common import BlockNames, DeviceParams, Imported, block_params, expect_shape, looks_instruct, matching_preset
 from .gguf_tokenizer import tokenizer_from_gguf
 
 T = gguf_lib.GGMLQuantizationType
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K,
                    T.Q5_K, T.Q6_K)
 ARCHITECTURES = {"gemma": 1, "gemma2": 2, "gemma3": 3}
-_NORMS = {"attn_norm": "pre_attention_norm", "post_attention_norm": "post_attention_norm",
-          "ffn_norm": "pre_ffw_norm", "post_ffw_norm": "post_ffw_norm"}
+# Tensor names of block i in llama.cpp's layout (../shared/models.md, "GGUF layout").
+BLOCK_NAMES = BlockNames(
+    q="blk.{i}.attn_q.weight", k="blk.{i}.attn_k.weight", v="blk.{i}.attn_v.weight", o="blk.{i}.attn_output.weight",
+    gate="blk.{i}.ffn_gate.weight", up="blk.{i}.ffn_up.weight", down="blk.{i}.ffn_down.weight",
+    q_norm="blk.{i}.attn_q_norm.weight", k_norm="blk.{i}.attn_k_norm.weight",
+    norms={"blk.{i}.attn_norm.weight": "pre_attention_norm",
+           "blk.{i}.post_attention_norm.weight": "post_attention_norm",
+           "blk.{i}.ffn_norm.weight": "pre_ffw_norm", "blk.{i}.post_ffw_norm.weight": "post_ffw_norm"})
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -158,7 +163,7 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
   for t in reader.tensors:  # fail on an unsupported type before spending minutes dequantizing
     if t.tensor_type not in SUPPORTED_TYPES:
       dequantize(t, where)
-  d, f, h, v = cfg.embed_dim, cfg.hidden_dim, cfg.head_dim, cfg.vocab_size
+  d, v = cfg.embed_dim, cfg.vocab_size
   names = {t.name for t in reader.tensors}
   bar = tqdm(total=len(reader.tensors), desc="converting", unit="tensor", disable=not progress)
 
@@ -171,25 +176,7 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
   params["embedder/input_embedding"] = take("token_embd.weight", (v, d))
   params["final_norm/scale"] = take("output_norm.weight", (d,)) - 1.0
   for i in range(cfg.num_layers):
-    b = f"blk.{i}."
-    attn = attention_params(cfg, take(b + "attn_q.weight", (cfg.num_heads * h, d)),
-                            take(b + "attn_k.weight", (cfg.num_kv_heads * h, d)),
-                            take(b + "attn_v.weight", (cfg.num_kv_heads * h, d)),
-                            take(b + "attn_output.weight", (d, cfg.num_heads * h)))
-    params.update({f"layer_{i}/attn/{k}": val for k, val in attn.items()})
-    mlp = mlp_params(take(b + "ffn_gate.weight", (f, d)), take(b + "ffn_up.weight", (f, d)),
-                     take(b + "ffn_down.weight", (d, f)))
-    params.update({f"layer_{i}/mlp/{k}": val for k, val in mlp.items()})
-    norms = dict(_NORMS)
-    if not cfg.use_post_attn_norm:
-      norms.pop("post_attention_norm")
-    if not cfg.use_post_ffw_norm:
-      norms.pop("post_ffw_norm")
-    for gguf_name, ours in norms.items():
-      params[f"layer_{i}/{ours}/scale"] = take(f"{b}{gguf_name}.weight", (d,)) - 1.0
-    if cfg.use_qk_norm:
-      params[f"layer_{i}/attn/_query_norm/scale"] = take(b + "attn_q_norm.weight", (h,)) - 1.0
-      params[f"layer_{i}/attn/_key_norm/scale"] = take(b + "attn_k_norm.weight", (h,)) - 1.0
+    params.update(block_params(cfg, i, BLOCK_NAMES, take, lambda name, shape: take(name, shape) - 1.0))
   bar.close()
   names.discard("output.weight")  # an untied copy of the embedding some converters write; Gemma ties it
   names.discard("rope_freqs.weight")

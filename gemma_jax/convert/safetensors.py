@@ -20,11 +20,24 @@ from tqdm import tqdm
 
 from ..configs import GLOBAL, LOCAL, OWN_LOCAL_ROPE_BASE, ModelConfig, family_defaults
 from ..errors import GemmaError
-from .common import (DeviceParams, Imported, attention_params, expect_shape, looks_instruct, matching_preset,
-                     mlp_params)
+from .common import BlockNames, DeviceParams, Imported, block_params, expect_shape, looks_instruct, matching_preset
 
 MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
 TOKENIZER_FILE = "tokenizer.model"
+_P = "layers.{i}."
+_HF = dict(q=_P + "self_attn.q_proj.weight", k=_P + "self_attn.k_proj.weight", v=_P + "self_attn.v_proj.weight",
+           o=_P + "self_attn.o_proj.weight", gate=_P + "mlp.gate_proj.weight", up=_P + "mlp.up_proj.weight",
+           down=_P + "mlp.down_proj.weight", q_norm=_P + "self_attn.q_norm.weight",
+           k_norm=_P + "self_attn.k_norm.weight")
+# HF Gemma 1's post_attention_layernorm is the pre-FFW norm (Gemma 1 has no post-attention norm).
+BLOCK_NAMES = {
+    1: BlockNames(**_HF, norms={_P + "input_layernorm.weight": "pre_attention_norm",
+                                _P + "post_attention_layernorm.weight": "pre_ffw_norm"}),
+    2: BlockNames(**_HF, norms={_P + "input_layernorm.weight": "pre_attention_norm",
+                                _P + "post_attention_layernorm.weight": "post_attention_norm",
+                                _P + "pre_feedforward_layernorm.weight": "pre_ffw_norm",
+                                _P + "post_feedforward_layernorm.weight": "post_ffw_norm"}),
+}
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -148,33 +161,15 @@ def import_hf(folder: str | os.PathLike, progress: bool = False) -> Imported:
 
   embedding = read("embed_tokens.weight")
   cfg = read_config(hf, int(embedding.shape[0]), where)
-  d, f, h = cfg.embed_dim, cfg.hidden_dim, cfg.head_dim
+  d = cfg.embed_dim
   expect_shape("embed_tokens.weight", embedding, (cfg.vocab_size, d), where)
   take = lambda name, shape: expect_shape(prefix + name, read(name), shape, where)
   params = DeviceParams()
   params["embedder/input_embedding"] = embedding
   params["final_norm/scale"] = take("norm.weight", (d,))
-  norms = {"input_layernorm": "pre_attention_norm"}
-  if cfg.family == 1:
-    norms["post_attention_layernorm"] = "pre_ffw_norm"
-  else:
-    norms.update(post_attention_layernorm="post_attention_norm", pre_feedforward_layernorm="pre_ffw_norm",
-                 post_feedforward_layernorm="post_ffw_norm")
+  names = BLOCK_NAMES[1 if cfg.family == 1 else 2]
   for i in tqdm(range(cfg.num_layers), desc="converting", unit="layer", disable=not progress):
-    p = f"layers.{i}."
-    attn = attention_params(cfg, take(p + "self_attn.q_proj.weight", (cfg.num_heads * h, d)),
-                            take(p + "self_attn.k_proj.weight", (cfg.num_kv_heads * h, d)),
-                            take(p + "self_attn.v_proj.weight", (cfg.num_kv_heads * h, d)),
-                            take(p + "self_attn.o_proj.weight", (d, cfg.num_heads * h)))
-    params.update({f"layer_{i}/attn/{k}": v for k, v in attn.items()})
-    mlp = mlp_params(take(p + "mlp.gate_proj.weight", (f, d)), take(p + "mlp.up_proj.weight", (f, d)),
-                     take(p + "mlp.down_proj.weight", (d, f)))
-    params.update({f"layer_{i}/mlp/{k}": v for k, v in mlp.items()})
-    for hf_name, ours in norms.items():
-      params[f"layer_{i}/{ours}/scale"] = take(f"{p}{hf_name}.weight", (d,))
-    if cfg.use_qk_norm:
-      params[f"layer_{i}/attn/_query_norm/scale"] = take(p + "self_attn.q_norm.weight", (h,))
-      params[f"layer_{i}/attn/_key_norm/scale"] = take(p + "self_attn.k_norm.weight", (h,))
+    params.update(block_params(cfg, i, names, take, take))
   # lm_head is tied to the embedding in every Gemma; other towers (vision) are not ours to import.
   leftover = sorted(n for n in files if n.startswith(prefix) and not n.startswith(prefix + "lm_head"))
   if leftover:
