@@ -24,8 +24,8 @@ from .cache import Cache, init_cache
 from .configs import ModelConfig, get_preset
 from .errors import GemmaError
 from .shapes import CACHE_AXES
-from .sharding import DEFAULT_MESH, GENERATION, Rules, get_rules, mesh_sizes, param_axes, parse_mesh_spec, \
-    partition_spec, shard_shape
+from .sharding import (DEFAULT_MESH, GENERATION, Rules, get_rules, mesh_sizes, param_axes, parse_mesh_spec,
+                       partition_spec, shard_shape)
 from .transformer import abstract_model
 
 
