@@ -15,13 +15,14 @@ from .cache import LayerCache
 from .configs import LOCAL, ModelConfig
 from .layers import Einsum, RMSNorm
 from .rope import apply_rope
+from .shapes import Array, Bool, Float, Hidden, Int, Positions
 
 # Large negative finite value for masked logits, as the official implementation (K_MASK): finite so a
 # fully masked row (a padding query) gives a uniform softmax instead of NaN.
 MASK_VALUE = -2.3819763e38
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+def attention_mask(q_pos: Positions, k_pos: Int[Array, "B S"], window: int | None) -> Bool[Array, "B T S"]:
   """(B, T) query and (B, S) key positions -> (B, T, S) bool: key visible to query.
 
   A key is visible when its slot is filled (k_pos >= 0), it is not in the future, and on sliding-window
@@ -61,13 +62,13 @@ class Attention(nnx.Module):
     else:
       self._query_norm = self._key_norm = None
 
-  def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def project(self, x: Hidden) -> tuple[Float[Array, "B T N H"], Float[Array, "B T K H"], Float[Array, "B T K H"]]:
     """(B, T, D) -> q (B, T, N, H), k and v (B, T, K, H)."""
     kv = self.kv_einsum("BTD,DKCH->BTKCH", x)
     return self.q_einsum("BTD,DNH->BTNH", x), kv[:, :, :, 0], kv[:, :, :, 1]
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None, fresh: bool = False
-               ) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(self, x: Hidden, positions: Positions, cache: LayerCache | None, fresh: bool = False
+               ) -> tuple[Hidden, LayerCache | None]:
     """x (B, T, D) at positions (B, T) (-1 = padding) -> (B, T, D) and the cache with this chunk added.
 
     Queries attend to the cache as it was before this call plus the chunk itself, then the chunk is

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from .configs import LOCAL, ModelConfig
-from .shapes import CACHE_AXES
+from .shapes import CACHE_AXES, Array, Float, Int, Positions, unchecked_fields
 from .sharding import pin
 
 EMPTY = -1
 
 
+@unchecked_fields
 @struct.dataclass
 class LayerCache:
   """One layer's cache.
@@ -33,9 +34,9 @@ class LayerCache:
     shardings: static; where k, v and pos live on a mesh ({field: Sharding}), None on one device.
   """
 
-  k: jax.Array
-  v: jax.Array
-  pos: jax.Array
+  k: Float[Array, "B S K H"]
+  v: Float[Array, "B S K H"]
+  pos: Int[Array, "B S"]
   ring: bool = struct.field(pytree_node=False, default=False)
   shardings: tuple[tuple[str, jax.sharding.Sharding], ...] | None = struct.field(pytree_node=False, default=None)
 
@@ -47,7 +48,7 @@ class LayerCache:
   def num_slots(self) -> int:
     return self.k.shape[1]
 
-  def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "LayerCache":
+  def write(self, k_new: Float[Array, "B T K H"], v_new: Float[Array, "B T K H"], positions: Positions) -> LayerCache:
     """Stores a chunk: k_new/v_new (B, T, K, H) at positions (B, T) (EMPTY marks padding).
 
     Global caches put position p in slot p; the caller guarantees p < S (decode checks lengths before

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from .shapes import Array, Float, Positions
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
-  """Rotates x (B, T, N, H) by angles positions (B, T) * base^(-2i/H) / scale, in float32.
 
-  Rotate-half: the first and second halves of H form the (real, imaginary) pairs, as in the official
-  gemma/positional_embeddings.py, not interleaved pairs. Gemma 3's global layers divide positions by
-  `scale` (8 from 4B up). Inverse frequencies are computed as 1 / base^(2i/H), as Hugging Face does, so
-  that both implementations round alike.
+def apply_rope(x: Float[Array, "B T heads H"], positions: Positions, *, base: float, scale: float = 1.0
+               ) -> Float[Array, "B T heads H"]:
+  """Rotates x (B, T, heads, H) by angles positions (B, T) * base^(-2i/H) / scale, in float32.
+
+  heads is N for queries and K for keys. Rotate-half: the first and second halves of H form the (real,
+  imaginary) pairs, as in the official gemma/positional_embeddings.py, not interleaved pairs. Gemma 3's
+  global layers divide positions by `scale` (8 from 4B up). Inverse frequencies are computed as
+  1 / base^(2i/H), as Hugging Face does, so that both implementations round alike.
   """
   h = x.shape[-1]
   inv_freq = 1.0 / (jnp.float32(base) ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))

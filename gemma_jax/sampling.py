@@ -9,7 +9,7 @@ changing them never recompiles.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,14 @@ import numpy as np
 from flax import struct
 
 from .errors import GemmaError
+from .shapes import Array, Float, Int, unchecked_fields
+
+# A setting for make_sampling: one value for every row or one per row, as numbers, a sequence or an array.
+# make_sampling checks the values itself (integers whole, ranges), with errors that name the setting.
+Setting = float | Sequence[float] | np.ndarray | jax.Array
 
 
+@unchecked_fields
 @struct.dataclass
 class Sampling:
   """Per-row sampling settings, each (B,).
@@ -31,14 +37,14 @@ class Sampling:
     seed: int32; the same seed gives the same tokens.
   """
 
-  temperature: jax.Array
-  top_k: jax.Array
-  top_p: jax.Array
-  min_p: jax.Array
-  seed: jax.Array
+  temperature: Float[Array, "B"]
+  top_k: Int[Array, "B"]
+  top_p: Float[Array, "B"]
+  min_p: Float[Array, "B"]
+  seed: Int[Array, "B"]
 
 
-def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
+def _per_row(name: str, value: Setting, batch: int, dtype: type[np.generic]) -> np.ndarray:
   arr = np.asarray(value, dtype=np.float64)
   if arr.ndim == 0:
     arr = np.full((batch,), arr)
@@ -51,9 +57,8 @@ def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
   return arr.astype(dtype)
 
 
-def make_sampling(batch: int, *, temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
-                  top_p: float | Sequence[float] = 1.0, min_p: float | Sequence[float] = 0.0,
-                  seed: int | Sequence[int] = 0) -> Sampling:
+def make_sampling(batch: int, *, temperature: Setting = 0.0, top_k: Setting = 0, top_p: Setting = 1.0,
+                  min_p: Setting = 0.0, seed: Setting = 0) -> Sampling:
   """Validated per-row settings; scalars apply to every row. Bad values raise GemmaError naming them."""
   t = _per_row("temperature", temperature, batch, np.float32)
   k = _per_row("top_k", top_k, batch, np.int32)
@@ -73,7 +78,7 @@ def make_sampling(batch: int, *, temperature: float | Sequence[float] = 0.0, top
   return Sampling(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(m), jnp.asarray(s, jnp.int32))
 
 
-def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
+def filter_logits(logits: Float[Array, "B V"], s: Sampling) -> Float[Array, "B V"]:
   """(B, V) float32 logits -> temperature-scaled logits with dropped tokens at -inf.
 
   Rows with temperature 0 are returned unscaled (they are decided by argmax). The sort needed by top-k
@@ -106,7 +111,7 @@ def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
   return jnp.where(greedy[:, None], logits, out)
 
 
-def next_token(logits: jax.Array, s: Sampling, step: jax.Array) -> jax.Array:
+def next_token(logits: Float[Array, "B V"], s: Sampling, step: Int[Array, ""]) -> Int[Array, "B"]:
   """(B, V) float32 logits (disallowed tokens already at -inf) -> (B,) int32 token ids.
 
   Row b draws with key fold_in(key(seed_b), step): reproducible per seed, independent of the batch.

@@ -12,7 +12,11 @@ them (tests/conftest.py installs jaxtyping's import hook), under jit on the trac
 names array dimensions with the same letters (LOGICAL_AXES), and sharding.py maps them to mesh axes.
 """
 
+from typing import TypeVar
+
 from jaxtyping import Array, Bool, Float, Int
+
+_T = TypeVar("_T")
 
 # Logical axis names of array dimensions: every letter above, with "_" for C, a stacked dimension that has
 # no sharding meaning. sharding.py's rule tables name exactly these.
@@ -23,9 +27,23 @@ LOGICAL_AXES: tuple[str, ...] = tuple("BTSDFNKGHVL") + ("_",)
 # without importing each other (cache.py pins its writes with sharding.pin).
 CACHE_AXES: dict[str, tuple[str, ...]] = {"k": ("B", "S", "K", "H"), "v": ("B", "S", "K", "H"), "pos": ("B", "S")}
 
+
+def unchecked_fields(cls: type[_T]) -> type[_T]:
+  """Keeps a pytree dataclass's fields unchecked when it is built (its annotations still say the shapes).
+
+  JAX rebuilds pytrees with whatever sits at the leaves -- ShapeDtypeStructs under jax.eval_shape, shardings
+  or None in tree maps -- so a check of the fields when the dataclass is built would reject JAX's own
+  rebuilds; the functions that take and return the dataclass check its arrays instead. Apply it under the
+  dataclass decorator: jaxtyping reads `__no_type_check__` on __init__ at call time.
+  """
+  cls.__init__.__no_type_check__ = True
+  return cls
+
+
 Tokens = Int[Array, "B T"]
 Positions = Int[Array, "B T"]  # absolute positions, -1 marks padding
 Hidden = Float[Array, "B T D"]
 Logits = Float[Array, "B T V"]
 
-__all__ = ["Array", "Bool", "Float", "Int", "CACHE_AXES", "LOGICAL_AXES", "Tokens", "Positions", "Hidden", "Logits"]
+__all__ = ["Array", "Bool", "Float", "Int", "CACHE_AXES", "LOGICAL_AXES", "Tokens", "Positions", "Hidden", "Logits",
+           "unchecked_fields"]

@@ -129,6 +129,8 @@ class ModelConfig:
     unknown = sorted(set(d) - names)
     if unknown:
       raise ValueError(f"unknown ModelConfig fields {unknown}")
+    if isinstance(d.get("attention_pattern"), list):  # JSON has no tuples
+      d = {**d, "attention_pattern": tuple(d["attention_pattern"])}
     return cls(**d)
 
 
