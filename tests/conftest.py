@@ -17,7 +17,25 @@ if SHARDED and "xla_force_host_platform_device_count" not in os.environ.get("XLA
 
 import pathlib  # noqa: E402
 
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
+
+# Annotations are checked during the test run, shapes (shapes.py alphabet) included, under jit on the tracers
+# too: jaxtyping wraps every function and dataclass of the checked modules with beartype as they are
+# imported, so the hook must be in place before the first `import gemma_jax` (conftest.py is imported before
+# any test module). is_pep484_tower: an int is a float, as PEP 484 (and every static checker) reads `float`.
+# Every module of the package is checked except UNCHECKED: modules at the user-input boundary, whose public
+# functions check what users pass themselves and raise GemmaErrors that tests match (a type check would
+# answer first), and modules whose annotations do not yet say what they accept (engine.pad_rows takes
+# numpy arrays for Sequence[int]; streaming.Detokenizer is a Protocol that is not @runtime_checkable;
+# decode.DecodeState needs shapes.unchecked_fields, as jit's .lower() rebuilds it from ArgInfo leaves).
+# Take a module out of UNCHECKED once its annotations say what its callers may pass.
+UNCHECKED = {"gemma_jax.convert", "gemma_jax.decode", "gemma_jax.engine", "gemma_jax.model", "gemma_jax.session",
+             "gemma_jax.streaming", "gemma_jax.tokenizer"}
+_PACKAGE = pathlib.Path(__file__).parent.parent / "gemma_jax"
+CHECKED = sorted({f"gemma_jax.{p.relative_to(_PACKAGE).parts[0].removesuffix('.py')}"
+                  for p in _PACKAGE.rglob("*.py") if p != _PACKAGE / "__init__.py"} - UNCHECKED)
+jaxtyping.install_import_hook(CHECKED, "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 DATA = pathlib.Path(__file__).parent / "data"
 collect_ignore_glob = [] if SHARDED else ["sharded/*"]
