@@ -22,12 +22,14 @@ from flax import nnx, struct
 
 from .cache import Cache
 from .sampling import Sampling, next_token
+from .shapes import Array, Bool, Float, Int, Positions, Tokens, unchecked_fields
 from .sharding import Layout, constrain, constrain_cache
 
 
 NONFINITE = -2  # decode_loop's token for a row whose logits held nan or inf (the row is then done)
 
 
+@unchecked_fields
 @struct.dataclass
 class DecodeState:
   """Where generation stands between calls of Decoder.decode_loop; all arrays, so it is a jit argument.
@@ -40,10 +42,10 @@ class DecodeState:
     cache: the KV cache holding every token fed so far.
   """
 
-  logits: jax.Array
-  pos: jax.Array
-  done: jax.Array
-  step: jax.Array
+  logits: Float[Array, "B V"]
+  pos: Int[Array, "B"]
+  done: Bool[Array, "B"]
+  step: Int[Array, ""]
   cache: Cache
 
 
@@ -65,7 +67,7 @@ class Decoder:
     return self if capacity == self.capacity else dataclasses.replace(self, capacity=capacity)
 
   @functools.partial(jax.jit, static_argnums=0)
-  def forward(self, params: nnx.State, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+  def forward(self, params: nnx.State, tokens: Tokens, positions: Positions) -> Float[Array, "B T V"]:
     """Full-sequence forward without a cache: tokens, positions (B, T) -> float32 logits (B, T, V).
 
     With a layout the logits come back replicated (the host reads them).
@@ -74,8 +76,8 @@ class Decoder:
     return constrain(self.layout, model.logits(model(tokens, positions).hidden))
 
   @functools.partial(jax.jit, static_argnums=0, static_argnames="fresh", donate_argnums=4)
-  def prefill(self, params: nnx.State, tokens: jax.Array, positions: jax.Array, cache: Cache, fresh: bool = False
-              ) -> tuple[jax.Array, Cache]:
+  def prefill(self, params: nnx.State, tokens: Tokens, positions: Positions, cache: Cache, fresh: bool = False
+              ) -> tuple[Float[Array, "B V"], Cache]:
     """Runs a (padded) prompt chunk through the model and the cache.
 
     Args:
@@ -91,8 +93,8 @@ class Decoder:
     return constrain(self.layout, model.logits(out.hidden)[:, 0], ("B", "V")), constrain_cache(self.layout, out.cache)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-  def decode_loop(self, params: nnx.State, state: DecodeState, sampling: Sampling, max_steps: jax.Array,
-                  stop_ids: jax.Array, allowed: jax.Array) -> tuple[jax.Array, DecodeState]:
+  def decode_loop(self, params: nnx.State, state: DecodeState, sampling: Sampling, max_steps: Int[Array, ""],
+                  stop_ids: Int[Array, "_"], allowed: Bool[Array, "V"]) -> tuple[Int[Array, "B _"], DecodeState]:
     """Draws up to max_steps tokens per row in a lax.while_loop; rows stop on their own.
 
     Each drawn token is fed back (a stop token too, so a conversation can continue from the cache).
@@ -134,7 +136,7 @@ class Decoder:
     return constrain(layout, out), placed(state)
 
   @functools.partial(jax.jit, static_argnums=0)
-  def token_logprobs(self, params: nnx.State, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+  def token_logprobs(self, params: nnx.State, tokens: Tokens, positions: Positions) -> Float[Array, "B T-1"]:
     """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T) -> (B, T-1) float32.
 
     With a layout the result is replicated and the (B, T, V) logits stay sharded by the rules (never

@@ -39,7 +39,8 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
   return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def pad_rows(rows: Sequence[Sequence[int]], starts: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: Sequence[Sequence[int]], starts: Sequence[int] | np.ndarray, length: int
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads id rows to `length`: tokens and positions (B, length), positions -1 on padding."""
   tokens = np.zeros((len(rows), length), np.int32)
   positions = np.full((len(rows), length), -1, np.int32)
@@ -178,6 +179,13 @@ def run(eng: Engine, state: DecodeState, steps: int, sampling: Sampling, stop_id
                                                                  eng.put(np.int32(steps)), stop_ids, allowed)
     out = np.asarray(out)
   check_finite(out)
+  if eng.layout is not None:
+    # XLA may return the replicated pos/done/step as P(None,) rather than P(): the same placement, but a
+    # different jit cache key, so the next call would compile the loop again. device_put to the
+    # equivalent sharding moves no data.
+    rep = eng.layout.replicated()
+    state = state.replace(pos=jax.device_put(state.pos, rep), done=jax.device_put(state.done, rep),
+                          step=jax.device_put(state.step, rep))
   return [row[row >= 0].tolist() for row in out], state
 
 

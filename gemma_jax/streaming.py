@@ -7,11 +7,12 @@ gives exactly the text of the whole row. No JAX here: the model hands in a `step
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 
+@runtime_checkable
 class Detokenizer(Protocol):
   def decode(self, ids: Sequence[int]) -> str: ...
 

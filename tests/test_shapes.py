@@ -38,3 +38,13 @@ def test_cache_writes_are_checked_and_abstract_caches_still_build():
   # jax.eval_shape rebuilds the cache from ShapeDtypeStructs: the dataclass fields are not checked then.
   abstract = jax.eval_shape(lambda: init_cache(CFG, batch_size=2, cache_len=8))
   assert abstract[0].k.shape == (2, CFG.sliding_window, CFG.num_kv_heads, CFG.head_dim)
+
+
+def test_decoder_inputs_are_checked():
+  import gemma_jax as gj
+
+  model = gj.Model.random(CFG)
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  with pytest.raises(jaxtyping.TypeCheckError, match="positions"):
+    model.decoder.forward(model.params, tokens, jnp.zeros((2, 6), jnp.int32))
+  assert model.decoder.token_logprobs(model.params, tokens, jnp.zeros((2, 5), jnp.int32)).shape == (2, 4)
