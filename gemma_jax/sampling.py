@@ -9,6 +9,7 @@ changing them never recompiles.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import jax
@@ -44,19 +45,30 @@ class Sampling:
   seed: Int[Array, "B"]
 
 
-def _per_row(name: str, value: Setting, batch: int, dtype: type[np.generic]) -> np.ndarray:
-  arr = np.asarray(value, dtype=np.float64)
+def _per_row(name: str, value: object, batch: int, dtype: type[np.generic]) -> np.ndarray:
+  """value (anything a user passed for `name`) as (batch,) values of dtype, or a GemmaError naming it."""
+  raw = np.asarray(value)
+  if raw.dtype.kind == "O" and all(type(v) is int for v in raw.reshape(-1)):
+    raw = raw.astype(np.float64)  # Python ints beyond int64 (the range check below names them)
+  if raw.dtype.kind not in "iuf":  # strings ("0.7"), bools, None: named, never coerced
+    raise GemmaError(f"{name} must be a number or one number per prompt, got {value!r}")
+  arr = raw.astype(np.float64)
   if arr.ndim == 0:
     arr = np.full((batch,), arr)
   if arr.shape != (batch,):
     raise GemmaError(f"{name} must be one value or one per prompt ({batch}), got shape {arr.shape}")
   if not np.all(np.isfinite(arr)):
     raise GemmaError(f"{name} must be finite, got {value!r}")
-  if np.issubdtype(dtype, np.integer) and not np.all(arr == np.round(arr)):
-    raise GemmaError(f"{name} must be an integer, got {value!r}")
+  if np.issubdtype(dtype, np.integer):
+    if not np.all(arr == np.round(arr)):
+      raise GemmaError(f"{name} must be an integer, got {value!r}")
+    limit = np.iinfo(dtype)
+    if np.any((arr < limit.min) | (arr > limit.max)):  # before the cast, which would wrap around
+      raise GemmaError(f"{name} must be in [{limit.min}, {limit.max}], got {value!r}")
   return arr.astype(dtype)
 
 
+@typing.no_type_check  # the user-input boundary: it checks every value itself, with errors naming the setting
 def make_sampling(batch: int, *, temperature: Setting = 0.0, top_k: Setting = 0, top_p: Setting = 1.0,
                   min_p: Setting = 0.0, seed: Setting = 0) -> Sampling:
   """Validated per-row settings; scalars apply to every row. Bad values raise GemmaError naming them."""

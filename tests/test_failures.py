@@ -463,3 +463,17 @@ def test_a_model_can_be_shared_by_threads():
   for t in threads:
     t.join(TIMEOUT)
   assert got == want
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature="hot"), r"temperature must be a number or one number per prompt, got 'hot'"),
+    (dict(temperature="0.7"), r"temperature must be a number or one number per prompt, got '0\.7'"),
+    (dict(seed="7"), r"seed must be a number or one number per prompt, got '7'"),
+    (dict(temperature=True), r"temperature must be a number or one number per prompt, got True"),
+    (dict(top_k=3e9), r"top_k must be in \[-2147483648, 2147483647\], got 3000000000\.0"),
+    (dict(seed=2 ** 70), r"seed must be in \[-9223372036854775808, 9223372036854775807\], got 1180591620717411303424"),
+])
+def test_bad_sampling_settings_are_named_not_coerced(kwargs, message, recwarn):
+  with pytest.raises(GemmaError, match=message):
+    tiny_model().generate_ids([[2, 5, 6]], max_new_tokens=2, **kwargs)
+  assert not recwarn.list  # no numpy overflow warning before the error
