@@ -22,17 +22,22 @@ from .shapes import Array, Bool, Float, Hidden, Int, Positions
 MASK_VALUE = -2.3819763e38
 
 
-def attention_mask(q_pos: Positions, k_pos: Int[Array, "B S"], window: int | None) -> Bool[Array, "B T S"]:
+def attention_mask(q_pos: Positions, k_pos: Int[Array, "B S"], window: int | None,
+                   segments: Int[Array, "B T"] | None = None) -> Bool[Array, "B T S"]:
   """(B, T) query and (B, S) key positions -> (B, T, S) bool: key visible to query.
 
   A key is visible when its slot is filled (k_pos >= 0), it is not in the future, and on sliding-window
-  layers q_pos - k_pos < window.
+  layers q_pos - k_pos < window. segments (training with packed rows, no cache; then S == T): a key is
+  visible only within its own example, since positions restart per example and would let a later example
+  see an earlier one's keys at lower positions.
   """
   q = q_pos[:, :, None]
   k = k_pos[:, None, :]
   visible = (k >= 0) & (k <= q)
   if window is not None:
     visible &= q - k < window
+  if segments is not None:
+    visible &= segments[:, :, None] == segments[:, None, :]
   return visible
 
 
@@ -67,15 +72,18 @@ class Attention(nnx.Module):
     kv = self.kv_einsum("BTD,DKCH->BTKCH", x)
     return self.q_einsum("BTD,DNH->BTNH", x), kv[:, :, :, 0], kv[:, :, :, 1]
 
-  def __call__(self, x: Hidden, positions: Positions, cache: LayerCache | None, fresh: bool = False
-               ) -> tuple[Hidden, LayerCache | None]:
+  def __call__(self, x: Hidden, positions: Positions, cache: LayerCache | None, fresh: bool = False,
+               segments: Int[Array, "B T"] | None = None) -> tuple[Hidden, LayerCache | None]:
     """x (B, T, D) at positions (B, T) (-1 = padding) -> (B, T, D) and the cache with this chunk added.
 
     Queries attend to the cache as it was before this call plus the chunk itself, then the chunk is
     written. Attending to both parts (one softmax over their concatenated logits) keeps a ring buffer
     exact even when the chunk is longer than the window, and never copies the cache. fresh=True
     (static) promises the cache is empty, so its slots are not read at all (a first prefill).
+    segments (B, T): example ids of packed training rows (attention_mask); only without a cache.
     """
+    if segments is not None and cache is not None:
+      raise ValueError("segments (packed rows) are a training input; they cannot be combined with a cache")
     q, k, v = self.project(x)
     if self._query_norm is not None:
       q, k = self._query_norm(q), self._key_norm(k)
@@ -85,19 +93,19 @@ class Attention(nnx.Module):
     b, t, n, h = q.shape
     qg = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
 
-    parts = [(k, v, positions)]
+    parts = [(k, v, positions, segments)]
     if cache is not None and not fresh:
-      parts.insert(0, (cache.k, cache.v, cache.pos))
+      parts.insert(0, (cache.k, cache.v, cache.pos, None))
     logits = []
-    for keys, _, k_pos in parts:
+    for keys, _, k_pos, k_seg in parts:
       l = jnp.einsum("BTKGH,BSKH->BTKGS", qg, keys, preferred_element_type=jnp.float32)
       if self.softcap is not None:
         l = jnp.tanh(l / self.softcap) * self.softcap
-      mask = attention_mask(positions, k_pos, self.window)[:, :, None, None, :]
+      mask = attention_mask(positions, k_pos, self.window, k_seg)[:, :, None, None, :]
       logits.append(jnp.where(mask, l, MASK_VALUE))
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(v.dtype)
     out, start = 0.0, 0
-    for keys, values, _ in parts:
+    for keys, values, _, _ in parts:
       s = keys.shape[1]
       out = out + jnp.einsum("BTKGS,BSKH->BTKGH", probs[..., start:start + s], values)
       start += s

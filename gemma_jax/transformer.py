@@ -53,8 +53,8 @@ class Block(nnx.Module):
     self.mlp = FeedForward(config, rngs=rngs)
     self.post_ffw_norm = norm() if config.use_post_ffw_norm else None
 
-  def __call__(self, x, positions, cache, fresh=False):
-    a, cache = self.attn(self.pre_attention_norm(x), positions, cache, fresh)
+  def __call__(self, x, positions, cache, fresh=False, segments=None):
+    a, cache = self.attn(self.pre_attention_norm(x), positions, cache, fresh, segments)
     if self.post_attention_norm is not None:
       a = self.post_attention_norm(a)
     x = x + a
@@ -88,18 +88,26 @@ class Transformer(nnx.Module):
                               rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *, fresh: bool = False,
-               last_only: bool = False) -> Output:
+               last_only: bool = False, segments: jax.Array | None = None, remat: bool = False) -> Output:
     """tokens, positions (B, T) -> Output(hidden (B, T, D), cache).
 
     positions are absolute (-1 marks padding); with a cache, the chunk attends to what the cache holds,
     unless fresh=True (static) says the cache is empty and is only to be written. last_only (static):
     hidden only at each row's last (highest-position) token, (B, 1, D): all a prefill needs, and the
-    final norm then runs on B positions instead of B * T.
+    final norm then runs on B positions instead of B * T. Training only (no cache): segments (B, T)
+    number the examples of packed rows (attention never crosses them, attention.attention_mask), and
+    remat=True (static) recomputes each block's activations in the backward pass instead of keeping them
+    (jax.checkpoint per block: memory of one block's activations, about a third more compute).
     """
     x = self.embedder.encode(tokens)
     new_cache = []
     for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions, None if cache is None else cache[i], fresh)
+      if remat:
+        if cache is not None:
+          raise ValueError("remat is for training; it cannot be combined with a cache")
+        x, layer_cache = nnx.remat(lambda blk, h: blk(h, positions, None, False, segments))(block, x)
+      else:
+        x, layer_cache = block(x, positions, None if cache is None else cache[i], fresh, segments)
       new_cache.append(layer_cache)
     if last_only:
       x = jnp.take_along_axis(x, jnp.argmax(positions, axis=1)[:, None, None], axis=1)
