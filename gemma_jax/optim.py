@@ -150,7 +150,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     tokens = jnp.sum(batches.positions >= 0).astype(jnp.float32)
-    return params, opt_state, StepMetrics(total * scale, optax.global_norm(grads), count, tokens)
+    return params, opt_state, StepMetrics(total * scale, optax.tree.norm(grads), count, tokens)
 
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=shardings)
 

@@ -93,7 +93,7 @@ class Recipe:
 
   def changes_from(self, saved: Recipe) -> list[str]:
     """The settings that differ from `saved` and would change the trained params, as "name: a -> b"."""
-    return [f"{k}: {v!r} -> {getattr(self, k)!r}" for k, v in saved.to_dict().items()
+    return [f"{k}: {v!r} -> {getattr(self, k)!r}" for k, v in sorted(saved.to_dict().items())
             if k not in RESUMABLE and v != self.to_dict()[k]]
 
 

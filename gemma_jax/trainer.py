@@ -17,6 +17,7 @@ a checkpoint whose files changed afterwards.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import time
@@ -58,6 +59,12 @@ class Run:
   layout: Layout | None
   lora_config: Any = None
   step: int = 0
+  data_id: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the data position counts in
+  checkpoints: ocp.CheckpointManager | None = None
+
+  @property
+  def pad_id(self) -> int:
+    return self.base.tokenizer.pad_id or 0
 
 
 def prepare(recipe: Recipe, base_path: str | pathlib.Path) -> Run:
@@ -88,14 +95,16 @@ def prepare(recipe: Recipe, base_path: str | pathlib.Path) -> Run:
       learning_rate=recipe.learning_rate, warmup=recipe.warmup, steps=recipe.steps,
       weight_decay=recipe.weight_decay, clip=recipe.clip))
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings(optimizer, params, layout))(params)
-  return Run(recipe, base, graphdef, params, frozen, opt_state, optimizer, train, make_loader(recipe, train),
-             evals, layout, lora_config)
+  pad = base.tokenizer.pad_id or 0
+  data_id = {"file_sha256": hashlib.sha256(pathlib.Path(recipe.data).read_bytes()).hexdigest(), "examples": len(train)}
+  return Run(recipe, base, graphdef, params, frozen, opt_state, optimizer, train, make_loader(recipe, train, pad),
+             evals, layout, lora_config, data_id=data_id)
 
 
-def make_loader(recipe: Recipe, examples: list[data.Example], position: data.Position = data.Position(0, 0)
-                ) -> data.Loader:
+def make_loader(recipe: Recipe, examples: list[data.Example], pad_id: int,
+                position: data.Position = data.Position(0, 0)) -> data.Loader:
   return data.Loader(examples, batch_size=recipe.batch_size, seq_len=recipe.seq_len, seed=recipe.seed,
-                     pack=recipe.pack, position=position)
+                     pack=recipe.pack, position=position, pad_id=pad_id)
 
 
 def opt_shardings(optimizer: optax.GradientTransformation, params: nnx.State, layout: Layout | None):
@@ -124,9 +133,13 @@ def _sums(tree) -> dict[str, int]:
 
 def save(mngr: ocp.CheckpointManager, run: Run) -> None:
   state = {"params": run.params, "opt_state": run.opt_state}
-  meta = {"step": run.step, "position": list(run.loader.position), "sums": _sums(state)}
+  meta = {"step": run.step, "position": list(run.loader.position), "data": run.data_id, "sums": _sums(state)}
   mngr.save(run.step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
   mngr.wait_until_finished()
+
+
+def _describe(data_id: dict[str, Any] | None) -> str:
+  return "unknown" if not data_id else f"{data_id['examples']} examples, sha256 {data_id['file_sha256'][:12]}"
 
 
 def restore(mngr: ocp.CheckpointManager, run: Run, step: int) -> None:
@@ -141,13 +154,17 @@ def restore(mngr: ocp.CheckpointManager, run: Run, step: int) -> None:
   except Exception as e:  # noqa: BLE001 (Orbax and tensorstore raise many kinds; name the checkpoint)
     raise GemmaError(f"cannot restore {where}: {integrity.cause(e)}") from None
   meta = got["meta"]
+  if meta.get("data") != run.data_id:
+    # The position counts examples of one file in one order: on other data it would point elsewhere.
+    raise GemmaError(f"{run.recipe.data} is not the data {where} was trained on ({_describe(meta.get('data'))}; "
+                     f"now {_describe(run.data_id)}); resume with the same file, or start a new run")
   if jax.process_count() == 1 and _sums(got["state"]) != meta["sums"]:
     bad = next(k for k, v in _sums(got["state"]).items() if meta["sums"].get(k) != v)
     raise GemmaError(f"{where} is damaged: {bad} does not match its checksum; delete that step to resume "
                      "from the one before")
   run.params, run.opt_state = got["state"]["params"], got["state"]["opt_state"]
   run.step = int(meta["step"])
-  run.loader = make_loader(run.recipe, run.examples, data.Position(*meta["position"]))
+  run.loader = make_loader(run.recipe, run.examples, run.pad_id, data.Position(*meta["position"]))
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -168,6 +185,10 @@ def start(recipe: Recipe, run_dir: str | pathlib.Path, base_path: str | pathlib.
   run_dir.mkdir(parents=True, exist_ok=True)
   if not resume:
     write(recipe, run_dir / RECIPE_FILE)
+  run.checkpoints = manager(run_dir, recipe.keep)
+  latest = run.checkpoints.latest_step()
+  if latest is not None:
+    restore(run.checkpoints, run, latest)
   return run
 
 
@@ -176,10 +197,7 @@ def fit(run: Run, run_dir: str | pathlib.Path, on_event: Event = lambda e: None)
   eval_every steps; each step's metrics go to RUN/metrics.jsonl and to on_event."""
   run_dir = pathlib.Path(run_dir)
   recipe = run.recipe
-  mngr = manager(run_dir, recipe.keep)
-  latest = mngr.latest_step()
-  if latest is not None:
-    restore(mngr, run, latest)
+  mngr = run.checkpoints
   _truncate_metrics(run_dir / METRICS_FILE, run.step)
   dtype = jnp.dtype(recipe.dtype)
   shardings = None
@@ -199,7 +217,8 @@ def fit(run: Run, run_dir: str | pathlib.Path, on_event: Event = lambda e: None)
     while run.step < recipe.steps:
       batches = [run.loader.next_batch() for _ in range(recipe.grad_accum)]
       t0 = time.perf_counter()
-      run.params, run.opt_state, m = step_fn(run.params, run.opt_state, run.frozen, device_batches(batches, run.layout))
+      arrays = device_batches(batches, run.layout, run.pad_id)
+      run.params, run.opt_state, m = step_fn(run.params, run.opt_state, run.frozen, arrays)
       loss = float(m.loss)  # waits for the step
       seconds = time.perf_counter() - t0
       emit({"step": run.step + 1, "loss": loss, "learning_rate": float(lr(run.step)), "grad_norm": float(m.grad_norm),
@@ -218,18 +237,19 @@ def evaluate(run: Run, eval_fn) -> float:
   """Mean loss over every eval example's targets (each example once, data.eval_batches)."""
   total = count = 0.0
   for batch in data.eval_batches(run.eval_examples, batch_size=run.recipe.batch_size, seq_len=run.recipe.seq_len,
-                                 pack=run.recipe.pack):
-    t, c = eval_fn(run.params, run.frozen, device_batches([batch], run.layout, stacked=False))
+                                 pack=run.recipe.pack, pad_id=run.pad_id):
+    t, c = eval_fn(run.params, run.frozen, device_batches([batch], run.layout, run.pad_id, stacked=False))
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 
 
-def device_batches(batches: list[data.Batch], layout: Layout | None, *, stacked: bool = True) -> optim.TrainBatch:
+def device_batches(batches: list[data.Batch], layout: Layout | None, pad_id: int = 0, *, stacked: bool = True
+                   ) -> optim.TrainBatch:
   """Microbatches as one TrainBatch of (A, B, T) arrays (padded to the longest T), placed on the mesh with
   rows over `data`; stacked=False: one (B, T) batch."""
   width = max(b.tokens.shape[1] for b in batches)
   fields = {name: np.stack([_pad(getattr(b, name), width, fill) for b in batches])
-            for name, fill in (("tokens", 0), ("positions", -1), ("segments", 0), ("targets", 0.0))}
+            for name, fill in (("tokens", pad_id), ("positions", -1), ("segments", 0), ("targets", 0.0))}
   if not stacked:
     fields = {k: v[0] for k, v in fields.items()}
   axes = ("_", "B", "T") if stacked else ("B", "T")
@@ -262,8 +282,10 @@ def export(run: Run, run_dir: str | pathlib.Path) -> pathlib.Path:
   else:
     flat = flat_params(nnx.state(module, nnx.Param))
   params = unflatten({k: np.asarray(jax.device_get(v)) for k, v in flat.items()})
-  # Trained on conversations in the chat template: the result is a chat model (chat.py stops warning).
-  instruct = True if data.uses_messages(run.examples) else base.instruct
+  # Trained to end its turns (conversations in the chat template): a chat model, chat.py stops warning.
+  eot = base.tokenizer.end_of_turn_id
+  chat = eot is not None and any(np.any(e.ids[e.targets] == eot) for e in run.examples)
+  instruct = True if chat else base.instruct
   return checkpoint.save(run_dir / "final", base.config.replace(dtype="float32"), params,
                          tokenizer_proto=base.tokenizer.serialized_model_proto(),
                          source=f"fine-tuned ({run.recipe.method}) from {run.recipe.ckpt or 'the default model'}",
