@@ -39,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 
 from . import checkpoint
 from .atomic import atomic_directory
+from .configs import DTYPES
 from .errors import GemmaError
 from .layers import Einsum
 from .shapes import unchecked_fields
@@ -186,7 +187,7 @@ def config_of(model: Transformer) -> LoraConfig:
 
 
 def apply(model: Transformer, config: LoraConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None,
-          dtype: str = "float32") -> Transformer:
+          dtype="float32") -> Transformer:
   """Adds a fresh adapter (B = 0) to every target Einsum of every layer, in place; returns the model.
 
   dtype: of A and B ("float32" by default: the trained masters; the product runs in the activations'
@@ -276,7 +277,9 @@ def read_adapter_meta(directory: str | os.PathLike) -> tuple[LoraConfig, dict[st
     meta = json.loads(path.read_text())
   except FileNotFoundError:
     raise GemmaError(f"{path} does not exist: {directory} is not a LoRA adapter directory") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+  except OSError as e:
+    raise GemmaError(f"cannot read {path}: {e}") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise GemmaError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise GemmaError(f"{path} is not a gemma_jax LoRA adapter config (no \"format\": \"{FORMAT}\")")
@@ -287,6 +290,8 @@ def read_adapter_meta(directory: str | os.PathLike) -> tuple[LoraConfig, dict[st
     base = meta["base"]["config"]
     if not isinstance(base, dict):
       raise TypeError("base config is not a mapping")
+    if meta.get("dtype", "float32") not in DTYPES:
+      raise TypeError(f"dtype must be one of {DTYPES}, got {meta.get('dtype')!r}")
   except (KeyError, TypeError, GemmaError) as e:
     raise GemmaError(f"{path}: invalid adapter config: {e}") from None
   return config, meta
