@@ -55,15 +55,25 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_t
 
 
 class Einsum(nnx.Module):
-  """A weight `w` of `shape` contracted with the input by `equation` (e.g. "BTD,DNH->BTNH")."""
+  """A weight `w` of `shape` contracted with the input by `equation` (e.g. "BTD,DNH->BTNH").
+
+  adapter: None, or a module whose `adapter(equation, x)` is added to the output -- a LoRA adapter
+  (lora.py attaches them; this module does not know their kind, so imports still point downwards). None
+  has no params, so a plain model's state and checkpoint names are unchanged.
+  """
 
   def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], *, dtype, rngs: nnx.Rngs):
     if len(shape) != len(axes):
       raise ValueError(f"shape {shape} and axes {axes} differ in rank")
     self.w = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=axes)
+    # nnx.data: the attribute may later hold a module (params); NNX refuses that for a static attribute.
+    self.adapter = nnx.data(None)
 
   def __call__(self, equation: str, x: jax.Array) -> jax.Array:
-    return weight_einsum(equation, x, self.w[...])
+    y = weight_einsum(equation, x, self.w[...])
+    if self.adapter is not None:
+      y = y + self.adapter(equation, x)
+    return y
 
 
 class RMSNorm(nnx.Module):

@@ -6,6 +6,7 @@
   K  key/value heads            G  query heads per kv head (N // K)
   H  head dimension             V  vocabulary rows
   L  layers                     C  a stacked pair of weights: [k, v] or [gate, up] (axis name "_")
+  R  LoRA rank (lora.py: the inner dimension of an adapter's A (in..., R) and B (R, out...))
 
 Shape annotations use jaxtyping with these letters, e.g. ``Float[Array, "B T D"]``; the test run checks
 them (tests/conftest.py installs jaxtyping's import hook), under jit on the tracers' shapes too. Sharding
@@ -20,7 +21,7 @@ _T = TypeVar("_T")
 
 # Logical axis names of array dimensions: every letter above, with "_" for C, a stacked dimension that has
 # no sharding meaning. sharding.py's rule tables name exactly these.
-LOGICAL_AXES: tuple[str, ...] = tuple("BTSDFNKGHVL") + ("_",)
+LOGICAL_AXES: tuple[str, ...] = tuple("BTSDFNKGHVLR") + ("_",)
 
 # Logical axes of each cache.LayerCache array: the one place that states the cache layout. cache.init_cache
 # builds shapes from it and sharding.py places and constrains by it; it lives here so that both read it

@@ -78,14 +78,16 @@ class Rules:
 # `data`, which splits the batch (and with it the KV cache).
 GENERATION = Rules("generation", (
     ("K", MODEL), ("N", MODEL), ("F", MODEL), ("V", MODEL), ("B", DATA),
-    ("D", None), ("H", None), ("S", None), ("T", None), ("G", None), ("L", None), ("_", None)))
+    ("D", None), ("H", None), ("S", None), ("T", None), ("G", None), ("L", None), ("_", None), ("R", None)))
 
 # Training: the same model parallelism plus FSDP, every parameter's D split over `data` (ZeRO-3: each
 # device holds 1/(data*model) of most matrices and XLA gathers them per use), batch over `data`.
 TRAINING = Rules("training", (
     ("K", MODEL), ("N", MODEL), ("F", MODEL), ("V", MODEL), ("B", DATA), ("D", DATA),
-    ("H", None), ("S", None), ("T", None), ("G", None), ("L", None), ("_", None)))
+    ("H", None), ("S", None), ("T", None), ("G", None), ("L", None), ("_", None), ("R", None)))
 
+# R (a LoRA adapter's rank, lora.py) is replicated in both: it is small (4 to 64), and an adapter's other axis
+# (D, N, K, F) follows its weight's rule, so A and B split like the matrix they adapt.
 RULES = {r.name: r for r in (GENERATION, TRAINING)}
 
 

@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     elif "eval_loss" in event:
       bar.write(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
 
-  trainer.fit(run, args.out, on_event)
-  if bar is not None:
-    bar.close()
+  try:
+    trainer.fit(run, args.out, on_event)
+  finally:
+    if bar is not None:
+      bar.close()
   final = trainer.export(run, args.out)
   if args.json:
     print(json.dumps({"final": str(final)}), flush=True)

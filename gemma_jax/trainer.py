@@ -60,6 +60,7 @@ class Run:
   lora_config: Any = None
   step: int = 0
   data_id: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the data position counts in
+  checkpoints: ocp.CheckpointManager | None = None
 
   @property
   def pad_id(self) -> int:
@@ -137,6 +138,10 @@ def save(mngr: ocp.CheckpointManager, run: Run) -> None:
   mngr.wait_until_finished()
 
 
+def _describe(data_id: dict[str, Any] | None) -> str:
+  return "unknown" if not data_id else f"{data_id['examples']} examples, sha256 {data_id['file_sha256'][:12]}"
+
+
 def restore(mngr: ocp.CheckpointManager, run: Run, step: int) -> None:
   """Replaces the run's params, optimizer state, step and data position with checkpoint `step`'s,
   restored straight into their shardings and checked against the recorded checksums."""
@@ -151,8 +156,8 @@ def restore(mngr: ocp.CheckpointManager, run: Run, step: int) -> None:
   meta = got["meta"]
   if meta.get("data") != run.data_id:
     # The position counts examples of one file in one order: on other data it would point elsewhere.
-    raise GemmaError(f"{run.recipe.data} is not the data {where} was trained on ({meta.get('data')}, now "
-                     f"{run.data_id}); resume with the same file, or start a new run")
+    raise GemmaError(f"{run.recipe.data} is not the data {where} was trained on ({_describe(meta.get('data'))}; "
+                     f"now {_describe(run.data_id)}); resume with the same file, or start a new run")
   if jax.process_count() == 1 and _sums(got["state"]) != meta["sums"]:
     bad = next(k for k, v in _sums(got["state"]).items() if meta["sums"].get(k) != v)
     raise GemmaError(f"{where} is damaged: {bad} does not match its checksum; delete that step to resume "
@@ -180,6 +185,10 @@ def start(recipe: Recipe, run_dir: str | pathlib.Path, base_path: str | pathlib.
   run_dir.mkdir(parents=True, exist_ok=True)
   if not resume:
     write(recipe, run_dir / RECIPE_FILE)
+  run.checkpoints = manager(run_dir, recipe.keep)
+  latest = run.checkpoints.latest_step()
+  if latest is not None:
+    restore(run.checkpoints, run, latest)
   return run
 
 
@@ -188,10 +197,7 @@ def fit(run: Run, run_dir: str | pathlib.Path, on_event: Event = lambda e: None)
   eval_every steps; each step's metrics go to RUN/metrics.jsonl and to on_event."""
   run_dir = pathlib.Path(run_dir)
   recipe = run.recipe
-  mngr = manager(run_dir, recipe.keep)
-  latest = mngr.latest_step()
-  if latest is not None:
-    restore(mngr, run, latest)
+  mngr = run.checkpoints
   _truncate_metrics(run_dir / METRICS_FILE, run.step)
   dtype = jnp.dtype(recipe.dtype)
   shardings = None
