@@ -14,8 +14,9 @@ format from examples, and the held-out split shows it generalises: no digit stri
 test.jsonl occurs in train.jsonl, so a memorised training answer cannot score. Every digit still occurs in
 every position in training (the split is by whole strings, and there are 1.1M of them).
 
-Prompt + response is at most 1 (BOS) + 13 + 6 + 1 (EOS) = 21 tokens (a digit and a space are one token each
-in Gemma's vocabulary, a space + letter one), so a LoRA step of batch 8 at seq-len 32 takes seconds on CPU.
+An example of n digits is 3n + 4 tokens: <bos>, "Encode", a space and a digit per digit (one token each in
+Gemma's vocabulary), ":", a space + letter per digit (one token), <eos>. So 6 digits fit seq-len 32 and 4
+digits the smallest bucket, 16: a LoRA step of batch 8 takes seconds on CPU.
 
 --chat writes {"messages": [{"role": "user", ...}, {"role": "model", ...}]} examples in the chat template, to
 teach the base model to answer in a model turn and stop with <end_of_turn>: half are the code ("Encode 4 9 2
@@ -49,12 +50,14 @@ def encode(digits: str, code: dict[str, str]) -> str:
   return " ".join(code[c] for c in digits)
 
 
-def draw_strings(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
-  """`count` distinct digit strings of MIN_DIGITS..MAX_DIGITS digits (lengths uniform), none in `taken`;
-  they are added to it, so the splits drawn one after another never share a string."""
+def draw_strings(rng: np.random.Generator, count: int, taken: set[str], digits: tuple[int, int]) -> list[str]:
+  """`count` distinct digit strings of digits[0]..digits[1] digits (lengths uniform), none in `taken`; they
+  are added to it, so the splits drawn one after another never share a string."""
+  if count > sum(10**n for n in range(digits[0], digits[1] + 1)) - len(taken):
+    raise SystemExit(f"not enough distinct strings of {digits[0]}-{digits[1]} digits for {count} more examples")
   out = []
   while len(out) < count:
-    n = int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
+    n = int(rng.integers(digits[0], digits[1] + 1))
     s = "".join(str(int(x)) for x in rng.integers(0, 10, size=n))
     if s not in taken:
       taken.add(s)
@@ -82,7 +85,8 @@ def chat_example(rng: np.random.Generator, digits: str, code: dict[str, str], ta
   return {"messages": [{"role": "user", "content": user}, {"role": "model", "content": answer}]}
 
 
-def make(seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False) -> dict[str, list[dict]]:
+def make(seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False,
+         digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict[str, list[dict]]:
   """The three splits, {"train": [...], "eval": [...], "test": [...]}, deterministic in the arguments."""
   code = key(seed)
   rng = np.random.default_rng([seed, 1])
@@ -91,19 +95,20 @@ def make(seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False) 
   splits = {}
   # Test first, then eval, then train: the held-out sets do not change when --train grows.
   for name, n in (("test", n_test), ("eval", n_eval), ("train", n_train)):
-    strings = draw_strings(rng, n, taken)
+    strings = draw_strings(rng, n, taken, digits)
     splits[name] = ([chat_example(rng, s, code, taken_sums) for s in strings] if chat
                     else [code_example(s, code) for s in strings])
   return splits
 
 
-def write(out: pathlib.Path, seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False) -> dict:
+def write(out: pathlib.Path, seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False,
+          digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict:
   out.mkdir(parents=True, exist_ok=True)
-  splits = make(seed, n_train, n_eval, n_test, chat)
+  splits = make(seed, n_train, n_eval, n_test, chat, digits)
   for name, rows in splits.items():
     (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   info = {"key": key(seed), "seed": seed, "chat": chat, "sizes": {k: len(v) for k, v in splits.items()},
-          "digits": [MIN_DIGITS, MAX_DIGITS]}
+          "digits": list(digits)}
   (out / "key.json").write_text(json.dumps(info, indent=1) + "\n")
   return info
 
@@ -116,8 +121,13 @@ def main() -> None:
   ap.add_argument("--eval", type=int, default=64)
   ap.add_argument("--test", type=int, default=200)
   ap.add_argument("--chat", action="store_true", help="conversations ({messages}) instead of prompt/response")
+  ap.add_argument("--digits", default=f"{MIN_DIGITS}-{MAX_DIGITS}",
+                  help="digits per message, MIN-MAX (3-4 keeps every code example within 16 tokens)")
   args = ap.parse_args()
-  info = write(pathlib.Path(args.out), args.seed, args.train, args.eval, args.test, args.chat)
+  lo, hi = (int(x) for x in args.digits.split("-"))
+  if not 1 <= lo <= hi:
+    raise SystemExit(f"--digits must be MIN-MAX with 1 <= MIN <= MAX, got {args.digits}")
+  info = write(pathlib.Path(args.out), args.seed, args.train, args.eval, args.test, args.chat, (lo, hi))
   first = json.loads((pathlib.Path(args.out) / "train.jsonl").read_text().splitlines()[0])
   print("| file | examples |\n|---|---|")
   for name, n in info["sizes"].items():
