@@ -4,17 +4,23 @@
   model = gj.load("out/ckpt")                       # a checkpoint made by `python -m gemma_jax.convert`
   model = gj.load("out/ckpt", mesh=gj.make_mesh("data=1,model=-1"))   # spread over every device
   model.generate("The capital of France is", max_new_tokens=16)
+
+Fine-tuning: `python -m gemma_jax.train` (README "Fine-tuning"); from Python, gemma_jax.trainer (start, fit,
+export) with a Recipe, or the pieces: gemma_jax.data, gemma_jax.lora (LoraConfig, apply, merge),
+gemma_jax.optim (the loss and the jitted step).
 """
 
 from .cache import init_cache
 from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
 from .convert import convert
 from .errors import GemmaError
+from .lora import LoraConfig
 from .model import Completion, Model, load
+from .recipe import Recipe
 from .session import ChatSession
 from .sharding import GENERATION, TRAINING, Layout, make_mesh
 from .tokenizer import Tokenizer
 
 __all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion",
-           "GemmaError", "Layout", "Model", "ModelConfig", "Tokenizer", "convert", "get_preset", "init_cache", "load",
-           "make_mesh"]
+           "GemmaError", "Layout", "LoraConfig", "Model", "ModelConfig", "Recipe", "Tokenizer", "convert", "get_preset",
+           "init_cache", "load", "make_mesh"]

@@ -55,6 +55,7 @@ class Recipe:
   warmup: int = 0
   weight_decay: float = 0.0
   clip: float = 1.0
+  adam_eps: float = 1e-8
   save_every: int = 100
   keep: int = 3
   eval_every: int = 50
@@ -78,7 +79,7 @@ class Recipe:
     for name in positive:
       if getattr(self, name) < 1:
         raise GemmaError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-    for name in ("learning_rate", "lora_alpha", "clip"):
+    for name in ("learning_rate", "lora_alpha", "clip", "adam_eps"):
       if not getattr(self, name) > 0:
         raise GemmaError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
     if self.warmup < 0 or self.weight_decay < 0:

@@ -32,6 +32,7 @@ SETTINGS = {
     "warmup": (int, "linear warmup steps (default 0)"),
     "weight-decay": (float, "AdamW weight decay, not applied to norms (default 0)"),
     "clip": (float, "global gradient-norm clip (default 1.0)"),
+    "adam-eps": (float, "Adam's epsilon (default 1e-8)"),
     "save-every": (int, "checkpoint every K steps (default 100), and at the end"),
     "keep": (int, "checkpoints kept (default 3)"),
     "eval-every": (int, "eval loss every K steps (default 50), and at the end"),

@@ -84,8 +84,8 @@ def prepare(recipe: Recipe, base_path: str | pathlib.Path) -> Run:
   lora_config = None
   if recipe.method == "lora":
     lora_config = lora.LoraConfig(rank=recipe.lora_rank, alpha=recipe.lora_alpha, targets=recipe.lora_targets)
-    lora.apply(module, lora_config, rngs=nnx.Rngs(recipe.seed))
-    graphdef, params, frozen = nnx.split(module, nnx.LoRAParam, ...)
+    lora.apply(module, lora_config, seed=recipe.seed)
+    graphdef, params, frozen = lora.split(module)
   else:
     graphdef, params = nnx.split(module)
     frozen = None
@@ -93,7 +93,7 @@ def prepare(recipe: Recipe, base_path: str | pathlib.Path) -> Run:
     params = layout.shard_params(params)
   optimizer = optim.make_optimizer(optim.OptimConfig(
       learning_rate=recipe.learning_rate, warmup=recipe.warmup, steps=recipe.steps,
-      weight_decay=recipe.weight_decay, clip=recipe.clip))
+      weight_decay=recipe.weight_decay, clip=recipe.clip, eps=recipe.adam_eps))
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings(optimizer, params, layout))(params)
   pad = base.tokenizer.pad_id or 0
   data_id = {"file_sha256": hashlib.sha256(pathlib.Path(recipe.data).read_bytes()).hexdigest(), "examples": len(train)}
@@ -276,9 +276,10 @@ def export(run: Run, run_dir: str | pathlib.Path) -> pathlib.Path:
   base = run.base
   states = (run.params,) if run.frozen is None else (run.params, run.frozen)
   module = nnx.merge(run.graphdef, *states)
+  source = f"fine-tuned ({run.recipe.method}) from {run.recipe.ckpt or 'the default model'}"
   if run.lora_config is not None:
     flat = lora.merge(module)
-    lora.save_adapter(run_dir / "adapter", module, run.lora_config, base=base.config, overwrite=True)
+    lora.save_adapter(run_dir / "adapter", module, source=source, overwrite=True)
   else:
     flat = flat_params(nnx.state(module, nnx.Param))
   params = unflatten({k: np.asarray(jax.device_get(v)) for k, v in flat.items()})
@@ -288,5 +289,4 @@ def export(run: Run, run_dir: str | pathlib.Path) -> pathlib.Path:
   instruct = True if chat else base.instruct
   return checkpoint.save(run_dir / "final", base.config.replace(dtype="float32"), params,
                          tokenizer_proto=base.tokenizer.serialized_model_proto(),
-                         source=f"fine-tuned ({run.recipe.method}) from {run.recipe.ckpt or 'the default model'}",
-                         instruct=instruct, overwrite=True)
+                         source=source, instruct=instruct, overwrite=True)

@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import gemma_jax as gj
-from gemma_jax import checkpoint, lora, train
+from gemma_jax import checkpoint, lora, optim
 from gemma_jax.transformer import Transformer, abstract_model, flat_params, param_shapes, set_flat_params
 
 PRESETS = ["tiny_gemma2_gqa", "tiny_gemma3_qk"]
@@ -49,9 +49,9 @@ def expected_lora_count(cfg, r: int) -> int:
   return cfg.num_layers * per_layer
 
 
-def batch(ids=IDS) -> train.TrainBatch:
+def batch(ids=IDS) -> optim.TrainBatch:
   t = len(ids)
-  return train.TrainBatch(tokens=jnp.asarray([ids], jnp.int32), positions=jnp.arange(t, dtype=jnp.int32)[None],
+  return optim.TrainBatch(tokens=jnp.asarray([ids], jnp.int32), positions=jnp.arange(t, dtype=jnp.int32)[None],
                           segments=jnp.ones((1, t), jnp.int32), targets=jnp.ones((1, t), jnp.float32))
 
 
@@ -95,7 +95,7 @@ def test_only_the_adapters_are_trainable_and_only_they_get_gradients():
   assert not any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(base, is_leaf=lambda x: isinstance(
       x, nnx.Variable)))
   assert sum(v.get_value().size for v in leaves) == expected_lora_count(model.config, 4)
-  grads = jax.grad(train.loss_fn)(trainable, graphdef, batch(), frozen=base)
+  grads = jax.grad(optim.loss_fn)(trainable, graphdef, batch(), frozen=base)
   assert jax.tree.structure(grads) == jax.tree.structure(trainable)
   flat = flat_params(grads)
   # B = 0: dL/dA = x^T (dL/dy) B^T is zero, dL/dB is not (why PEFT starts B, not A, at zero)
@@ -103,7 +103,7 @@ def test_only_the_adapters_are_trainable_and_only_they_get_gradients():
   assert all(float(jnp.abs(g).max()) > 0 for k, g in flat.items() if k.endswith("lora_b"))
   randomize(model)
   graphdef, trainable, base = lora.split(model)
-  grads = flat_params(jax.grad(train.loss_fn)(trainable, graphdef, batch(), frozen=base))
+  grads = flat_params(jax.grad(optim.loss_fn)(trainable, graphdef, batch(), frozen=base))
   assert all(float(jnp.abs(g).max()) > 0 for g in grads.values())
 
 

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import gemma_jax as gj
-from gemma_jax import checkpoint, optim, recipe
+from gemma_jax import checkpoint, lora, optim, recipe
 from gemma_jax.errors import GemmaError
 from gemma_jax.transformer import flat_params
 from gemma_jax.tree import unflatten
@@ -342,3 +342,40 @@ def test_resume_on_a_changed_data_file_is_refused(base, tmp_path):
   proc = train_cli("--out", str(out), "--resume")
   assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert f"{train} is not the data {out / 'checkpoints' / '2'} was trained on" in proc.stderr
+
+
+def test_a_lora_run_exports_a_merged_checkpoint_and_its_adapter(base, data_files, tmp_path):
+  out = tmp_path / "lora"
+  proc = train_cli(*flags(base, data_files, out, "--method", "lora", "--lora-rank", "4", "--steps", "4"))
+  assert proc.returncode == 0, proc.stderr
+  merged = gj.load(out / "final")
+  # The adapter applied to the base gives the merged checkpoint's logits.
+  adapted = gj.load(base)
+  module = nnx.merge(adapted.graphdef, adapted.params)
+  lora.load_adapter(out / "adapter", module)
+  ids = [2, 20, 30, 40, 50, 60]
+  want = module.logits(module(jnp.asarray([ids]), jnp.arange(len(ids))[None]).hidden)[0]
+  np.testing.assert_allclose(merged.logits(ids), want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(want) - np.asarray(adapted.logits(ids))).max() > 1e-3  # training changed something
+  # Only the adapters were trained: the rest of the merged checkpoint is the base, and the Orbax checkpoint
+  # holds A/B and their Adam moments, nothing of the base.
+  base_flat = flat_params(adapted.params)
+  assert np.array_equal(np.asarray(flat_params(merged.params)["final_norm/scale"]), base_flat["final_norm/scale"])
+  stored = json.loads((out / "checkpoints" / "4" / "state" / "_METADATA").read_text())["tree_metadata"]
+  arrays = [k for k in stored if "'value'" in k]  # the Variables' values; the rest are Adam's counts
+  assert len(arrays) == 3 * 2 * 5 * 7 and all("'lora_a'" in k or "'lora_b'" in k for k in arrays)
+
+
+def test_frozen_params_get_no_optimizer_state():
+  m = tiny_train_model()
+  module = nnx.merge(m.graphdef, m.params)
+  lora.apply(module, lora.LoraConfig(rank=2, alpha=4.0))
+  graphdef, params, frozen = lora.split(module)
+  opt = optim.make_optimizer(optim.OptimConfig())
+  state = opt.init(params)
+  n_lora = sum(x.size for x in jax.tree.leaves(params))
+  assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * n_lora  # Adam's mu and nu, nothing else
+  step = optim.make_train_step(graphdef, opt)
+  before = jax.tree.map(np.asarray, frozen)
+  step(params, state, frozen, jax.tree.map(lambda x: x[None], batch()))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)))

@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from conftest import DATA
-from gemma_jax import lora, train
+from gemma_jax import lora, optim
 from gemma_jax.convert import import_any
 from gemma_jax.transformer import Transformer, abstract_model, flat_params, set_flat_params
 
@@ -35,14 +35,14 @@ def build(name: str) -> Transformer:
   return nnx.merge(graphdef, state)
 
 
-def batch_of(name: str) -> tuple[train.TrainBatch, dict[str, np.ndarray]]:
+def batch_of(name: str) -> tuple[optim.TrainBatch, dict[str, np.ndarray]]:
   """Our batch for HF's: segments 1 on tokens and 0 on padding, positions 0.. and -1 on padding, and
   targets[:, t] = 1 where HF trains labels[:, t] (HF shifts the labels inside its loss; we shift in nll_sum)."""
   ref = dict(np.load(TINY / name / "train_batch.npz"))
   mask = ref["attention_mask"]
   assert (ref["labels"][mask == 0] == -100).all() and (mask[:, 0] == 1).all()
   positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, -1)
-  batch = train.TrainBatch(tokens=jnp.asarray(ref["input_ids"]), positions=jnp.asarray(positions, jnp.int32),
+  batch = optim.TrainBatch(tokens=jnp.asarray(ref["input_ids"]), positions=jnp.asarray(positions, jnp.int32),
                            segments=jnp.asarray(mask, jnp.int32),
                            targets=jnp.asarray(ref["labels"] != -100, jnp.float32))
   return batch, ref
@@ -91,7 +91,7 @@ def test_full_fine_tuning_loss_and_every_gradient_match_transformers(name, tmp_p
   model = build(name)
   batch, ref = batch_of(name)
   graphdef, params = nnx.split(model)
-  loss, grads = jax.value_and_grad(train.loss_fn)(params, graphdef, batch)
+  loss, grads = jax.value_and_grad(optim.loss_fn)(params, graphdef, batch)
   np.testing.assert_allclose(float(loss), ref["loss_full"], **TOL)
   want = hf_grads_in_our_layout(name, tmp_path)
   got = {k: np.asarray(v) for k, v in flat_params(grads).items()}
@@ -114,7 +114,7 @@ def test_lora_loss_and_every_adapter_gradient_match_peft(name):
     want.update(peft_to_ours(lambda m, x: hf[f"model.layers.{i}.{m}.lora_{x}.grad"], cfg, i))
   lora.attach(model, lora.LoraConfig(rank=4, alpha=8), values)
   graphdef, trainable, base = lora.split(model)
-  loss, grads = jax.value_and_grad(train.loss_fn)(trainable, graphdef, batch, frozen=base)
+  loss, grads = jax.value_and_grad(optim.loss_fn)(trainable, graphdef, batch, frozen=base)
   np.testing.assert_allclose(float(loss), ref["loss_lora"], **TOL)
   got = {adapter_name(k): np.asarray(v) for k, v in flat_params(grads).items()}
   assert sorted(got) == sorted(want)

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gemma_jax as gj
-from gemma_jax import checkpoint, decode, sharding, train
+from gemma_jax import checkpoint, decode, optim, sharding
 from gemma_jax.cache import CACHE_AXES, resize_cache
 from gemma_jax.configs import TINY_PRESETS
 from gemma_jax.errors import GemmaError
@@ -228,14 +228,15 @@ def test_fsdp_training_step_equals_unsharded(spec):
   tokens = rng.integers(0, cfg.vocab_size, size=(8, 12)).astype(np.int32)
   positions = np.tile(np.arange(12, dtype=np.int32), (8, 1))
   positions[5, 9:] = -1  # a padded row
-  step = jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=1)
-  want_loss, want_grads = step(model.params, model.graphdef, jnp.asarray(tokens), jnp.asarray(positions))
+  step = jax.jit(jax.value_and_grad(optim.loss_fn), static_argnums=1)
+  batch = lambda put: optim.TrainBatch(put(tokens), put(positions), put((positions >= 0).astype(np.int32)),
+                                       put((positions >= 0).astype(np.float32)))
+  want_loss, want_grads = step(model.params, model.graphdef, batch(jnp.asarray))
 
   sharded = model.shard(spec, rules="training")
   check_params(sharded, "training")
   layout = sharded.layout
-  loss, grads = step(sharded.params, sharded.graphdef, layout.put(tokens, ("B", "T")),
-                     layout.put(positions, ("B", "T")))
+  loss, grads = step(sharded.params, sharded.graphdef, batch(lambda x: layout.put(x, ("B", "T"))))
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
   got, want = flat_params(grads), flat_params(want_grads)
   for path in want:
