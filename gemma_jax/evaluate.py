@@ -83,22 +83,29 @@ def request_row(model, i: int, context: str, continuation: str, max_length: int)
   return Row(tuple(ids), len(cont))
 
 
+def check_batch_size(batch_size: int) -> None:
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    raise GemmaError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def score_rows(model, rows: Sequence[Row], batch_size: int = 8, progress: Progress = None
                ) -> list[tuple[np.ndarray, np.ndarray]]:
   """(log-probs (n,) float32, greedy (n,) bool) of the scored ids of each row, in the order given.
 
   Rows run longest first in batches of batch_size (lm-eval's order: the first batch is the largest, so an
-  out-of-memory error comes at once), padded with idle rows to batch_size (a multiple of a mesh's data
-  axis) and to bucket lengths: the program compiles once per (T, C) bucket pair.
+  out-of-memory error comes at once), padded with idle rows (to batch_size, a power of two for a short last
+  batch, a multiple of a mesh's data axis) and to bucket lengths: the program compiles once per (T, C)
+  bucket pair and batch shape, never per request.
   """
-  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-    raise GemmaError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  check_batch_size(batch_size)
   eng, limit = model.engine, model.config.max_seq_len
-  b = eng.padded(batch_size)
   order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].ids), rows[i].ids))
   out: list = [None] * len(rows)
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
+    # A short last batch (or a lone window) is padded to a power of two, not to batch_size: idle rows cost
+    # as much as real ones. At most log2(batch_size) more programs per bucket pair.
+    b = eng.padded(min(batch_size, engine.bucket(len(chunk), 1)))
     feeds = [list(rows[i].ids[:-1]) for i in chunk]
     t = min(engine.bucket(max(map(len, feeds))), limit)
     c = min(engine.bucket(max(rows[i].n for i in chunk), 8), t)
@@ -153,19 +160,22 @@ def check_window(model, window: int | None, stride: int | None) -> tuple[int, in
 
 
 def rolling_windows(ids: Sequence[int], window: int, stride: int) -> list[Row]:
-  """The windows that score ids[1:] (ids: BOS first) exactly once, each token given at most `window` ids.
+  """The windows that score ids[1:] (ids: BOS first) exactly once, each window feeding at most `window` ids.
 
-  The first window scores its first `window` tokens with every id before them; each later one scores the
-  next `stride` tokens (fewer at the end) given the `window` ids before each window's end, so every token
-  after the first window has at least window - stride ids of context. stride == window is lm-eval's
-  loglikelihood_rolling (utils.get_rolling_token_windows with context_len 1, make_disjoint_window).
+  The first window scores its first `window` tokens given every id before them. Each later one scores the
+  next `stride` tokens (fewer at the end) given the ids before them up to the window's size, its oldest id
+  replaced by BOS: Gemma's outputs at a sequence start without BOS are far off (the held-out text of the
+  README: perplexity 1095 in 128-token windows without BOS at their starts, 62.5 in one window), so every
+  window starts as the model was trained (llama.cpp's perplexity tool does the same). With stride ==
+  window these are lm-eval's loglikelihood_rolling windows (utils.get_rolling_token_windows, context_len 1,
+  make_disjoint_window) with that one id replaced.
   """
   ids, last = tuple(ids), len(ids) - 1  # ids[last] is the last target
   end = min(window, last)
   rows = [Row(ids[:end + 1], end)]
   while end < last:
     new_end = min(end + stride, last)
-    rows.append(Row(ids[max(0, new_end - window):new_end + 1], new_end - end))
+    rows.append(Row(ids[:1] + ids[new_end - window + 1:new_end + 1], new_end - end))
     end = new_end
   return rows
 
@@ -216,6 +226,7 @@ def generate_until(model, contexts: Sequence[str], until: Sequence[str] = (), ma
   Contexts are encoded with BOS and run longest first in batches; a context longer than the model's context
   minus max_gen_toks loses its first tokens, as in lm-eval.
   """
+  check_batch_size(batch_size)
   limit = model.config.max_seq_len - max_gen_toks
   if limit < 1:
     raise GemmaError(f"max_gen_toks {max_gen_toks} leaves no room for a context in {model.config.max_seq_len}")

@@ -14,9 +14,10 @@ or run lm-eval's own command line through this module (every lm-eval flag works)
 
 All three request types go to gemma_jax.evaluate, the code behind `python -m gemma_jax.eval`, so both give the
 same log-likelihoods (tested): loglikelihood with lm-eval's tokenization (BOS first, trailing context
-whitespace moved, split at len(encode(context))), loglikelihood_rolling through disjoint windows of
-`max_length` tokens after a single BOS (HFLM encodes the text with BOS and then prefixes another BOS; one is
-what the model was trained with), generate_until greedily (do_sample is not supported: a warning, then greedy).
+whitespace moved, split at len(encode(context))); loglikelihood_rolling through lm-eval's disjoint windows of
+`window` tokens after a single BOS, each later window's oldest token replaced by BOS (evaluate.rolling_windows:
+Gemma needs BOS at a sequence start; HFLM instead encodes the text with BOS and prefixes a second one);
+generate_until greedily (do_sample is not supported: a warning, then greedy).
 """
 
 from __future__ import annotations

@@ -125,19 +125,20 @@ def test_rolling_windows_score_every_token_once_with_bounded_context(n, window, 
   scored = [t for r in rows for t in r.ids[-r.n:]]
   assert scored == ids[1:]  # every token after BOS once, in order
   for k, r in enumerate(rows):
-    assert len(r.ids) - 1 <= window  # ids fed
+    assert r.ids[0] == ids[0] and len(r.ids) - 1 <= window  # BOS first; ids fed
     if k > 0 and len(ids) - 1 > window:
       assert len(r.ids) - 1 == window  # later windows always see a full window
-      assert len(r.ids) - 1 - r.n >= window - stride  # context before the first scored token
+      assert len(r.ids) - 1 - r.n >= window - stride  # context (BOS included) before the first scored token
 
 
-def test_rolling_windows_with_stride_equal_to_window_are_lm_evals_disjoint_windows():
+def test_rolling_windows_with_stride_equal_to_window_are_lm_evals_disjoint_windows_starting_with_bos():
   """lm-eval's utils.get_rolling_token_windows(token_list, prefix, max_seq_len=4, context_len=1) on tokens
-  [0..9] with prefix P (its docstring's example): INPUT P 0 1 2 / 3 4 5 6 / 5 6 7 8, PRED 0-3 / 4-7 / 8 9."""
+  [0..9] with prefix P (its docstring's example): INPUT P 0 1 2 / 3 4 5 6 / 5 6 7 8, PRED 0-3 / 4-7 / 8 9;
+  ours puts BOS (P) in place of each later window's oldest input."""
   P = -1
   rows = evaluate.rolling_windows([P] + list(range(10)), window=4, stride=4)
-  assert [(r.ids[:-1], r.ids[-r.n:]) for r in rows] == [((P, 0, 1, 2), (0, 1, 2, 3)), ((3, 4, 5, 6), (4, 5, 6, 7)),
-                                                       ((5, 6, 7, 8), (8, 9))]
+  assert [(r.ids[:-1], r.ids[-r.n:]) for r in rows] == [((P, 0, 1, 2), (0, 1, 2, 3)), ((P, 4, 5, 6), (4, 5, 6, 7)),
+                                                       ((P, 6, 7, 8), (8, 9))]
 
 
 @pytest.mark.parametrize("window, stride, message", [
