@@ -150,23 +150,23 @@ class Decoder:
     return constrain(self.layout, model.token_logprobs(hidden[:, :-1], tokens[:, 1:]))
 
   @functools.partial(jax.jit, static_argnums=0)
-  def score(self, params: nnx.State, tokens: Tokens, positions: Positions, at: Int[Array, "B C"],
-            targets: Int[Array, "B C"]) -> tuple[Float[Array, "B C"], Bool[Array, "B C"]]:
+  def score(self, params: nnx.State, tokens: Tokens, positions: Positions, at: Int[Array, "B scored"],
+            targets: Int[Array, "B scored"]) -> tuple[Float[Array, "B scored"], Bool[Array, "B scored"]]:
     """Teacher-forced scores of chosen tokens (evaluation): for each (b, c), the log-probability of
     targets[b, c] given row b's tokens up to index at[b, c], and whether it is the most likely token there.
 
     Args:
       tokens, positions: (B, T); positions -1 mark padding.
-      at: (B, C) int32 indices into T of the positions whose next token is scored.
-      targets: (B, C) int32 the tokens scored there.
+      at: (B, scored) int32 indices into T of the positions whose next token is scored.
+      targets: (B, scored) int32 the tokens scored there.
     Returns:
-      (B, C) float32 log-probabilities and (B, C) bool (argmax == target), replicated with a layout.
-      Only the C picked positions reach the output layer, in chunks of SCORE_ROWS positions (lax.map), so
-      a long window never holds its (T, V) logits.
+      (B, scored) float32 log-probabilities and bool (argmax == target), replicated with a layout. Only the
+      picked positions reach the output layer, SCORE_ROWS positions at a time (lax.map), so a long window
+      never holds its (T, V) logits.
     """
     model = nnx.merge(self.graphdef, params)
     hidden = model(tokens, positions).hidden
-    picked = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # (B, C, D)
+    picked = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # (B, scored, D)
     b, c, d = picked.shape
     step = max(1, min(c, SCORE_ROWS // b))
     n = -(-c // step)
