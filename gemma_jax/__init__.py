@@ -13,14 +13,19 @@ gemma_jax.optim (the loss and the jitted step).
 from .cache import init_cache
 from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
 from .convert import convert
+from .default_model import default_checkpoint
 from .errors import GemmaError
+from .evaluate import generate_until, loglikelihood, rolling_loglikelihood, text_perplexity
 from .lora import LoraConfig
 from .model import Completion, Model, load
+from .readers import read_docs
 from .recipe import Recipe
 from .session import ChatSession
 from .sharding import GENERATION, TRAINING, Layout, make_mesh
+from .tasks import run_task
 from .tokenizer import Tokenizer
 
 __all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion",
-           "GemmaError", "Layout", "LoraConfig", "Model", "ModelConfig", "Recipe", "Tokenizer", "convert", "get_preset",
-           "init_cache", "load", "make_mesh"]
+           "GemmaError", "Layout", "LoraConfig", "Model", "ModelConfig", "Recipe", "Tokenizer", "convert",
+           "default_checkpoint", "generate_until", "get_preset", "init_cache", "load", "loglikelihood", "make_mesh",
+           "read_docs", "rolling_loglikelihood", "run_task", "text_perplexity"]

@@ -27,6 +27,9 @@ from .sharding import Layout, constrain, constrain_cache
 
 
 NONFINITE = -2  # decode_loop's token for a row whose logits held nan or inf (the row is then done)
+# Decoder.score computes output-layer logits for at most this many positions at a time: (256, V) float32 is
+# 256 MiB for Gemma 2/3's 256k vocabularies, where a 2048-token window's (T, V) logits would be 2 GiB.
+SCORE_ROWS = 256
 
 
 @unchecked_fields
@@ -145,3 +148,30 @@ class Decoder:
     model = nnx.merge(self.graphdef, params)
     hidden = model(tokens, positions).hidden
     return constrain(self.layout, model.token_logprobs(hidden[:, :-1], tokens[:, 1:]))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def score(self, params: nnx.State, tokens: Tokens, positions: Positions, at: Int[Array, "B scored"],
+            targets: Int[Array, "B scored"]) -> tuple[Float[Array, "B scored"], Bool[Array, "B scored"]]:
+    """Teacher-forced scores of chosen tokens (evaluation): for each (b, c), the log-probability of
+    targets[b, c] given row b's tokens up to index at[b, c], and whether it is the most likely token there.
+
+    Args:
+      tokens, positions: (B, T); positions -1 mark padding.
+      at: (B, scored) int32 indices into T of the positions whose next token is scored.
+      targets: (B, scored) int32 the tokens scored there.
+    Returns:
+      (B, scored) float32 log-probabilities and bool (argmax == target), replicated with a layout. Only the
+      picked positions reach the output layer, SCORE_ROWS positions at a time (lax.map), so a long window
+      never holds its (T, V) logits.
+    """
+    model = nnx.merge(self.graphdef, params)
+    hidden = model(tokens, positions).hidden
+    picked = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # (B, scored, D)
+    b, c, d = picked.shape
+    step = max(1, min(c, SCORE_ROWS // b))
+    n = -(-c // step)
+    picked = jnp.pad(picked, ((0, 0), (0, n * step - c), (0, 0))).reshape(b, n, step, d).swapaxes(0, 1)
+    chunks = jnp.pad(targets, ((0, 0), (0, n * step - c))).reshape(b, n, step).swapaxes(0, 1)
+    lp, greedy = jax.lax.map(lambda x: model.token_scores(*x), (picked, chunks))  # (n, B, step) each
+    lp, greedy = (x.swapaxes(0, 1).reshape(b, n * step)[:, :c] for x in (lp, greedy))
+    return constrain(self.layout, lp), constrain(self.layout, greedy)

@@ -125,11 +125,20 @@ class Transformer(nnx.Module):
     """log p(targets | hidden): hidden (B, T, D), targets (B, T) int -> (B, T) float32.
 
     Normalised over every embedding row, as the model defines the distribution. The one log-prob
-    computation: scoring (decode.py) and the training loss (train.py) both call it.
+    computation: scoring (decode.py), evaluation and the training loss (train.py) all come here.
+    """
+    return self.token_scores(hidden, targets)[0]
+
+  def token_scores(self, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log p(targets | hidden), targets == the most likely token): hidden (B, T, D), targets (B, T) int ->
+    (B, T) float32 and (B, T) bool.
+
+    The most likely token is the first maximal row (jnp.argmax, as torch.argmax in lm-evaluation-harness's
+    is_greedy); under jit the argmax costs nothing where only the log-probs are used (training).
     """
     logits = self.logits(hidden)
     target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return target - jax.nn.logsumexp(logits, axis=-1)
+    return target - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
 
 # ---- the abstract model and the official names ----------------------------------------------------

@@ -10,7 +10,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).parent.parent / "gemma_jax"
 # The thin CLIs: they parse flags, call the library and print. Any other `__main__` is one too.
 CLI_MODULES = {"gemma_jax.cli", "gemma_jax.sample", "gemma_jax.chat", "gemma_jax.score", "gemma_jax.convert.__main__",
-               "gemma_jax.train"}
+               "gemma_jax.train", "gemma_jax.eval"}
 MAX_LINES = 350
 # Modules allowed over MAX_LINES. Keep it empty: split a module that grows past the limit instead.
 LONG_MODULES_ALLOWED: set[str] = set()
