@@ -40,16 +40,16 @@ sys.path.insert(0, str(HERE / "engines"))
 SCHEMES = {
     "float32": ("float32", None),
     "bfloat16": ("bfloat16", None),
-    "int8": ("float32", dict(quantize="int8")),
+    "int8": ("float32", dict(quantize="int8", embedding="int8")),
     "int8-emb-float": ("float32", dict(quantize="int8", embedding=None)),
-    "int8-bf16": ("bfloat16", dict(quantize="int8")),
-    "int4": ("float32", dict(quantize="int4")),
-    "int4-emb-int8": ("float32", dict(quantize="int4", embedding="int8")),
+    "int8-bf16": ("bfloat16", dict(quantize="int8", embedding="int8")),
+    "int4": ("float32", dict(quantize="int4", embedding="int8")),
+    "int4-emb-int4": ("float32", dict(quantize="int4", embedding="int4")),
     "int4-emb-float": ("float32", dict(quantize="int4", embedding=None)),
-    "int4-b64": ("float32", dict(quantize="int4", block_size=64)),
-    "int4-b128": ("float32", dict(quantize="int4", block_size=128)),
+    "int4-b64": ("float32", dict(quantize="int4", block_size=64, embedding="int8")),
+    "int4-b128": ("float32", dict(quantize="int4", block_size=128, embedding="int8")),
 }
-DEFAULT_SCHEMES = "float32,bfloat16,int8,int8-emb-float,int8-bf16,int4,int4-emb-int8,int4-emb-float,int4-b64,int4-b128"
+DEFAULT_SCHEMES = "float32,bfloat16,int8,int8-emb-float,int4,int4-emb-int4,int4-b128"
 
 
 def held_out_text(min_tokens: int, tokenizer) -> tuple[str, list[int]]:
@@ -163,6 +163,42 @@ def worker(args) -> None:
     ref_path.write_text(json.dumps(out))
 
 
+def profile(repeats: int = 3) -> str:
+  """The dequantization on XLA:CPU: Gemma 3 270M's tied logits (262144 x 640) as int8 per row inside a
+  decode-like loop of 8 steps, dequantized whole (what XLA:GPU/TPU fuse into the dot) or tile by tile
+  (qarray._product on CPU): ms per step and the compiled program's temporary bytes, against float32 and
+  bfloat16 weights."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from gemma_jax import qarray  # noqa: PLC0415
+  from gemma_jax.layers import weight_einsum  # noqa: PLC0415
+
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((262144, 640), np.float32) * 0.02)
+  q, s = qarray.quantize(w, -1, "int8", None)
+  cases = (("float32", (w,), jnp.float32, None), ("bfloat16", (w.astype(jnp.bfloat16),), jnp.bfloat16, None),
+           ("int8, whole", (q, s), jnp.float32, 1 << 40), ("int8, tiled", (q, s), jnp.float32, qarray.TILE_BYTES))
+  rows = []
+  for name, arrays, dtype, tile in cases:
+    saved = qarray.TILE_BYTES
+    qarray.TILE_BYTES = tile or saved
+    try:
+      def step(i, x, arrays):
+        weight = arrays[0] if len(arrays) == 1 else qarray.QWeight(*arrays, -1)
+        return x + weight_einsum("BTD,VD->BTV", x, weight)[..., :640].astype(x.dtype) * 1e-3
+
+      f = jax.jit(lambda x, arrays: jax.lax.fori_loop(0, 8, lambda i, x: step(i, x, arrays), x))
+      x = jnp.ones((1, 1, 640), dtype)
+      temp = f.lower(x, arrays).compile().memory_analysis().temp_size_in_bytes
+      f(x, arrays).block_until_ready()
+      ms = min(_time(lambda: f(x, arrays).block_until_ready()) for _ in range(repeats)) / 8 * 1e3
+    finally:
+      qarray.TILE_BYTES = saved
+    rows.append(f"| {name} | {ms:.1f} | {temp / 2**20:.1f} |")
+  return "\n".join(["| logits weight (262144 x 640), batch 1 | ms per step | XLA temporary MiB |", "|---|---|---|", *rows])
+
+
 def _time(fn) -> float:
   t0 = time.perf_counter()
   fn()
@@ -204,10 +240,13 @@ def main() -> None:
   p.add_argument("--schemes", default=DEFAULT_SCHEMES)
   p.add_argument("--new-tokens", type=int, default=32)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--profile", action="store_true", help="only the dequantization profile (see profile())")
   p.add_argument("--worker"), p.add_argument("--dtype"), p.add_argument("--worker-ckpt"), p.add_argument("--out")
   args = p.parse_args()
   if args.worker:
     return worker(args)
+  if args.profile:
+    return print(profile(args.repeats))
   import gemma_jax as gj  # noqa: PLC0415
   from gemma_jax import default_model  # noqa: PLC0415
 

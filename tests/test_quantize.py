@@ -129,12 +129,12 @@ def test_a_large_weight_is_never_dequantized_whole_on_cpu():
   """The decode loop's working memory holds tiles of a quantized weight, not its float copy (XLA:CPU
   materialises a whole dequantized weight otherwise, qarray._product)."""
   q, s = qarray.quantize(jax.random.normal(jax.random.key(0), (8192, 512)), -1, "int8", None)
-  w = qarray.QWeight(q, s, -1)
 
-  def loop(x):
+  def loop(x, q, s):  # the weight an argument, as params are to the decode loop (never a constant to fold)
+    w = qarray.QWeight(q, s, -1)
     return jax.lax.fori_loop(0, 4, lambda i, x: x + weight_einsum("BTD,VD->BTV", x, w)[..., :512] * 1e-3, x)
 
-  temp = jax.jit(loop).lower(jnp.ones((1, 1, 512))).compile().memory_analysis().temp_size_in_bytes
+  temp = jax.jit(loop).lower(jnp.ones((1, 1, 512)), q, s).compile().memory_analysis().temp_size_in_bytes
   assert temp < 8192 * 512 * 4 / 4, temp  # the float32 weight is 16 MiB; tiles are 2 MiB
 
 
@@ -148,7 +148,8 @@ def test_a_quantized_model_holds_int_values_and_float_scales():
   assert flat["layer_0/attn/q_einsum/w_scale"].shape == (1, 4, 32)
   assert flat["layer_0/attn/attn_vec_einsum/w_scale"].shape == (1, 64)
   assert flat["layer_0/mlp/gating_einsum/w_scale"].shape == (96, 2, 1)
-  assert flat["embedder/input_embedding"].dtype == jnp.int8 and flat["embedder/input_embedding_scale"].shape == (283, 1)
+  emb, emb_scale = flat["embedder/input_embedding"], flat["embedder/input_embedding_scale"]
+  assert emb.dtype == jnp.int8 and emb_scale.shape == (283, 1)
   assert flat["final_norm/scale"].dtype == jnp.float32
   four = gj.quantize(qmodel(), "int4", block_size=32)
   f4 = flat_params(four.params)
@@ -418,9 +419,16 @@ GOLDEN = json.loads((DATA / "golden_270m.json").read_text())
 
 
 @pytest.mark.slow
-def test_int8_270m_keeps_the_golden_greedy_continuations(model_270m):
+def test_int8_270m_keeps_the_golden_greedy_continuations_up_to_near_ties(model_270m):
+  """int8 weights follow float32's greedy path, parting only where float32's two best logits nearly tie
+  (measured: 2 of the 4 prompts part, at gaps of 0.01; benchmarks/results/2026-12-05_quantize.md)."""
   small = gj.quantize(model_270m, "int8")
   assert param_bytes(small.params) < 0.26 * param_bytes(model_270m.params)
   for p in GOLDEN["prompts"]:
     got = small.generate_ids([p["ids"]], max_new_tokens=32, stop_ids=[])[0]
-    assert got == p["greedy"]
+    parted = next((k for k, (a, b) in enumerate(zip(got, p["greedy"])) if a != b), None)
+    if parted is not None:
+      logits = model_270m.logits(p["ids"] + p["greedy"][:parted])[-1]
+      top2 = np.sort(logits)[-2:]
+      assert top2[1] - top2[0] < 0.05, (p["text"][:30], parted, top2)
+      assert logits[got[parted]] >= top2[0]  # int8 took float32's runner-up
