@@ -4,6 +4,7 @@
   model = gj.load("out/ckpt")                       # a checkpoint made by `python -m gemma_jax.convert`
   model = gj.load("out/ckpt", mesh=gj.make_mesh("data=1,model=-1"))   # spread over every device
   model.generate("The capital of France is", max_new_tokens=16)
+  small = gj.quantize(model, "int8")                # int8 weights (or "int4"), dequantized in the matmuls
 
 Fine-tuning: `python -m gemma_jax.train` (README "Fine-tuning"); from Python, gemma_jax.trainer (start, fit,
 export) with a Recipe, or the pieces: gemma_jax.data, gemma_jax.lora (LoraConfig, apply, merge),
@@ -18,6 +19,7 @@ from .errors import GemmaError
 from .evaluate import generate_until, loglikelihood, rolling_loglikelihood, text_perplexity
 from .lora import LoraConfig
 from .model import Completion, Model, load
+from .quantize import quantize
 from .readers import read_docs
 from .recipe import Recipe
 from .session import ChatSession
@@ -28,4 +30,4 @@ from .tokenizer import Tokenizer
 __all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion",
            "GemmaError", "Layout", "LoraConfig", "Model", "ModelConfig", "Recipe", "Tokenizer", "convert",
            "default_checkpoint", "generate_until", "get_preset", "init_cache", "load", "loglikelihood", "make_mesh",
-           "read_docs", "rolling_loglikelihood", "run_task", "text_perplexity"]
+           "quantize", "read_docs", "rolling_loglikelihood", "run_task", "text_perplexity"]

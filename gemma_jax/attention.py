@@ -58,9 +58,10 @@ class Attention(nnx.Module):
     # D-major weights so each projection is one 2-D matmul (layers.weight_einsum); the official
     # checkpoints' (N, D, H) / (2, K, D, H) / fused (3, N, D, H) layouts are transposed at import.
     # [k, v] sit inside K so that sharding K splits whole heads.
-    self.q_einsum = Einsum((d, n, h), ("D", "N", "H"), dtype=dtype, rngs=rngs)
-    self.kv_einsum = Einsum((d, k, 2, h), ("D", "K", "_", "H"), dtype=dtype, rngs=rngs)
-    self.attn_vec_einsum = Einsum((n, h, d), ("N", "H", "D"), dtype=dtype, rngs=rngs)
+    q = dict(dtype=dtype, rngs=rngs, quant=config.quant, block=config.quant_block)
+    self.q_einsum = Einsum((d, n, h), ("D", "N", "H"), 1, **q)
+    self.kv_einsum = Einsum((d, k, 2, h), ("D", "K", "_", "H"), 1, **q)
+    self.attn_vec_einsum = Einsum((n, h, d), ("N", "H", "D"), 2, **q)
     if config.use_qk_norm:
       self._query_norm = RMSNorm(h, "H", eps=config.norm_eps, dtype=dtype, rngs=rngs)
       self._key_norm = RMSNorm(h, "H", eps=config.norm_eps, dtype=dtype, rngs=rngs)

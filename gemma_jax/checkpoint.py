@@ -1,8 +1,9 @@
 """Our checkpoint format: one directory with Orbax params, the config, the tokenizer and a completion marker.
 
-  DIR/config.json      {"format": "gemma_jax", "version": 3, "config": {...ModelConfig...}, "source": ...}
+  DIR/config.json      {"format": "gemma_jax", "version": 4, "config": {...ModelConfig...}, "source": ...}
   DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections:
-                       layer_0/attn/q_einsum/w (D, N, H))
+                       layer_0/attn/q_einsum/w (D, N, H); quantized: int8/int4 values there and a
+                       float32 layer_0/attn/q_einsum/w_scale beside them, quantize.py)
   DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
   DIR/COMPLETE.json    written last: every param's shape, dtype and checksums
 
@@ -32,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from . import integrity
+from .quantize import check_dtypes
 from .atomic import atomic_directory
 from .configs import ModelConfig
 from .errors import GemmaError
@@ -40,9 +42,12 @@ from .transformer import abstract_model, flat_params, param_shapes, set_flat_par
 from .tree import flatten, unflatten
 
 FORMAT = "gemma_jax"
+# 4: quantized params (int8/int4 values and a float32 `_scale` beside each; config.json's quant fields);
 # 3: atomic writes with COMPLETE.json (checksums); 2: D-major projection layouts (q (D, N, H),
-# kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones.
-VERSION = 3
+# kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones. Version 4 reads version 3 unchanged (a
+# config without quant fields is a float model), so both are read.
+VERSION = 4
+READABLE = (3, 4)
 CONFIG_FILE = "config.json"
 COMPLETE_FILE = "COMPLETE.json"
 PARAMS_DIR = "params"
@@ -97,6 +102,7 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: dict[str, An
   directory = pathlib.Path(directory).absolute()
   flat = flatten(params)
   check_params(config, {k: np.shape(v) for k, v in flat.items()}, f"saving to {directory}")
+  check_dtypes(config, {k: v.dtype for k, v in flat.items()}, f"saving to {directory}")
   with atomic_directory(directory, overwrite=overwrite) as tmp:
     # Orbax copies numpy leaves before writing (measured: +1 GB for the 270M); jax arrays it writes in
     # place, and on CPU device_put aliases aligned numpy buffers, so only one copy is ever held.
@@ -155,9 +161,10 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     raise GemmaError(f"{config_path} is not valid JSON: {e}") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise GemmaError(f"{config_path} is not a gemma_jax checkpoint config (no \"format\": \"{FORMAT}\")")
-  if meta.get("version") != VERSION:
+  if meta.get("version") not in READABLE:
     raise GemmaError(f"{config_path} has format version {meta.get('version')}, this library reads "
-                     f"version {VERSION}; convert the weights again with `python -m gemma_jax.convert`")
+                     f"versions {' and '.join(map(str, READABLE))}; convert the weights again with "
+                     "`python -m gemma_jax.convert`")
   if not (directory / COMPLETE_FILE).is_file():
     raise GemmaError(incomplete(directory))
   return meta
@@ -214,14 +221,15 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
   abstract = flat_params(state)  # official names, as stored
   check_params(config, {k: tuple(v.shape) for k, v in stored.items()}, str(directory),
                {p: tuple(x.shape) for p, x in abstract.items()})
-  dtype = jnp.dtype(config.dtype)
+  check_dtypes(config, {k: v.dtype for k, v in stored.items()}, str(directory))
+  dtype = jnp.dtype(config.dtype)  # of every float param; quantized values are restored as stored
   if layout is not None:
     shardings = layout.param_shardings(state)  # keyed by module-tree paths
   else:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {state_path(path): default for path in abstract}
-  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype, sharding=shardings[state_path(path)])
-          for path, x in abstract.items()}
+  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                     sharding=shardings[state_path(path)]) for path, x in abstract.items()}
   # Orbax reserves, for each slice it reads, the bytes of the stored chunks that slice touches; the limit
   # is the largest such slice (or MIN_RESTORE_BYTES), so host memory holds one slice in flight at worst.
   # (+1: Orbax refuses a request that is not strictly below its limit.)

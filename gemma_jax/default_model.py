@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from .checkpoint import COMPLETE_FILE, VERSION
+from .checkpoint import COMPLETE_FILE, READABLE, VERSION
 from .convert import convert
 from .errors import GemmaError
 
@@ -39,17 +39,27 @@ def gguf_path() -> pathlib.Path:
   return pathlib.Path(assemble())
 
 
-def checkpoint_dir() -> pathlib.Path:
-  """Where the converted default checkpoint lives; named by format version, so a new format converts
-  afresh instead of failing on an old cache."""
-  return cache_dir() / f"{NAME}-v{VERSION}"
+def checkpoint_dir(version: int = VERSION) -> pathlib.Path:
+  """Where the converted default checkpoint of a format version lives: named by version, so a format the
+  library no longer reads converts afresh instead of failing on an old cache."""
+  return cache_dir() / f"{NAME}-v{version}"
+
+
+def existing_checkpoint() -> pathlib.Path | None:
+  """The newest complete converted default checkpoint this library reads (format 4 still reads the
+  cache format 3 wrote: no conversion again for a version bump that does not need one), or None."""
+  for version in sorted(READABLE, reverse=True):
+    if (checkpoint_dir(version) / COMPLETE_FILE).is_file():
+      return checkpoint_dir(version)
+  return None
 
 
 def default_checkpoint(progress: bool = False) -> pathlib.Path:
   """The converted default checkpoint, converting it on first use."""
+  found = existing_checkpoint()
+  if found is not None:
+    return found
   target = checkpoint_dir()
-  if (target / COMPLETE_FILE).is_file():
-    return target
   try:
     # overwrite: whatever is there is not a complete checkpoint (a foreign or damaged leftover).
     convert(gguf_path(), target, progress=progress, overwrite=True)

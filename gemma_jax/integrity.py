@@ -32,11 +32,14 @@ import numpy as np
 from .configs import DTYPES
 from .errors import GemmaError
 
-_WORDS = {2: np.uint16, 4: np.uint32}
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+# Quantized values (quantize.py) are restored as they are stored, so they get one checksum, of their dtype.
+INT_DTYPES = ("int8", "int4")
 
 
 def sum32(x: np.ndarray) -> int:
-  """Sum of the elements' bit patterns modulo 2**32 (16- or 32-bit dtypes)."""
+  """Sum of the elements' bit patterns modulo 2**32 (8-, 16- or 32-bit dtypes; numpy holds an int4 in a
+  byte)."""
   x = np.ascontiguousarray(x)
   return int(np.add.reduce(x.reshape(-1).view(_WORDS[x.dtype.itemsize]), dtype=np.uint32))
 
@@ -52,6 +55,8 @@ def array_sum32(x: jax.Array) -> int:
 
 def _renderings(x) -> dict[str, int]:
   x = np.asarray(x)  # a view of a CPU jax array, no copy
+  if str(x.dtype) in INT_DTYPES:
+    return {str(x.dtype): sum32(x)}
   # copy=False: a float32 param is summed in place (the 270M's embedding would otherwise be copied whole).
   f32 = sum32(x.astype(np.float32, copy=False))
   return {"float32": f32, "bfloat16": sum32(x.astype(ml_dtypes.bfloat16, copy=False))}
@@ -91,7 +96,7 @@ def verify(restored: dict[str, jax.Array], sums: dict[str, dict[str, Any]], dire
   for path, x in restored.items():
     dtype = str(np.dtype(x.dtype))
     want = sums.get(path, {}).get("sum32", {}).get(dtype)
-    if dtype not in DTYPES or want is None:
+    if dtype not in (*DTYPES, *INT_DTYPES) or want is None:
       raise GemmaError(f"{directory} is damaged: COMPLETE.json has no {dtype} checksum for parameter {path}; "
                        "convert again")
     if array_sum32(x) != want:

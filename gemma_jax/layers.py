@@ -3,6 +3,10 @@
 Parameter names follow the official checkpoints (`w`, `scale`, `input_embedding`) so that importers are
 short tables. Every Param carries `axes`, its logical dimension names in the alphabet of shapes.py,
 which sharding rules map to mesh axes.
+
+Quantized weights are a kind of weight here, not a new layer: a quantized Einsum holds int8 or int4
+values in `w` and a float `w_scale` (the embedding: `input_embedding` and `input_embedding_scale`), and
+its matmul dequantizes them in the compute dtype inside the jitted function (qarray.py).
 """
 
 from __future__ import annotations
@@ -13,11 +17,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .qarray import DTYPES as QDTYPES
+from .qarray import QWeight, dequantize, matmul, scale_axes, scale_shape
+
 _INIT = jax.nn.initializers.normal(stddev=0.02)
 
 
-def weight_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+def weight_einsum(equation: str, x: jax.Array, w: jax.Array | QWeight, preferred_element_type=None) -> jax.Array:
   """jnp.einsum(equation, x, w) for an activation x and a weight w, computed as one rank-2 matmul.
+
+  w may be a QWeight (qarray.py) whose `contract` matches the equation's; it computes as its dequantized
+  weight in x's dtype, accumulating in float32.
 
   The contracted letters must end x's subscripts and either start w's ("BTD,DNH->BTNH") or end them
   ("BTD,FCD->BTFC"); the output is x's other letters followed by w's. Other equations go to jnp.einsum.
@@ -32,6 +42,9 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_t
   n = len(contracted)
   nn = ws.startswith(contracted) and out == xs[:-n] + ws[n:]
   nt = ws.endswith(contracted) and out == xs[:-n] + ws[:-n]
+  if isinstance(w, QWeight) and not (n and xs.endswith(contracted) and w.contract == (n if nn else -n if nt else 0)):
+    raise ValueError(f"{equation!r} does not contract the dims the quantized weight's scales are along "
+                     f"(contract={w.contract})")
   if not n or not xs.endswith(contracted) or not (nn or nt):
     return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
   lead = x.shape[:x.ndim - n]
@@ -43,7 +56,10 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_t
     # float32 and hoists that copy out of the decode loop (3.6x the bf16 params of Gemma 3 270M held
     # for the whole generation). Two rows take the bfloat16 matmul path at the same speed.
     x2 = jnp.concatenate([x2, x2])
-  if nn:
+  if isinstance(w, QWeight):
+    y = matmul(x2, w).astype(preferred_element_type or x.dtype)
+    free = w.values.shape[n:] if nn else w.values.shape[:w.values.ndim - n]
+  elif nn:
     y = jax.lax.dot_general(x2, w.reshape(size, -1), (((1,), (0,)), ((), ())),
                             preferred_element_type=preferred_element_type)
     free = w.shape[n:]
@@ -54,23 +70,44 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_t
   return y[:rows].reshape(*lead, *free)
 
 
+def quantized_params(shape: tuple[int, ...], axes: tuple[str, ...], contract: int, quant: str, block: int | None,
+                     dtype) -> tuple[nnx.Param, nnx.Param]:
+  """Zero values of the quant type and unit scales (importers and quantize.py fill them in)."""
+  s_shape = scale_shape(shape, contract, block)
+  return (nnx.Param(jnp.zeros(shape, QDTYPES[quant]), axes=axes),
+          nnx.Param(jnp.ones(s_shape, dtype), axes=scale_axes(axes, contract)))
+
+
 class Einsum(nnx.Module):
   """A weight `w` of `shape` contracted with the input by `equation` (e.g. "BTD,DNH->BTNH").
 
+  contract: the weight dims every equation contracts, n > 0 for the first n, n < 0 for the last -n.
+  quant: None, or "int8" / "int4": `w` holds values of that type and `w_scale` a float scale per block
+    of `block` contracted entries (None: per output channel); see qarray.py.
   adapter: None, or a module whose `adapter(equation, x)` is added to the output -- a LoRA adapter
   (lora.py attaches them; this module does not know their kind, so imports still point downwards). None
   has no params, so a plain model's state and checkpoint names are unchanged.
   """
 
-  def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], *, dtype, rngs: nnx.Rngs):
+  def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], contract: int, *, dtype, rngs: nnx.Rngs,
+               quant: str | None = None, block: int | None = None):
     if len(shape) != len(axes):
       raise ValueError(f"shape {shape} and axes {axes} differ in rank")
-    self.w = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=axes)
+    self.contract = contract
+    if quant is None:
+      self.w = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=axes)
+      self.w_scale = None
+    else:
+      self.w, self.w_scale = quantized_params(shape, axes, contract, quant, block, dtype)
     # nnx.data: the attribute may later hold a module (params); NNX refuses that for a static attribute.
     self.adapter = nnx.data(None)
 
+  def weight(self) -> jax.Array | QWeight:
+    """`w`, or the QWeight of `w` and `w_scale`: what weight_einsum takes."""
+    return self.w[...] if self.w_scale is None else QWeight(self.w[...], self.w_scale[...], self.contract)
+
   def __call__(self, equation: str, x: jax.Array) -> jax.Array:
-    y = weight_einsum(equation, x, self.w[...])
+    y = weight_einsum(equation, x, self.weight())
     if self.adapter is not None:
       y = y + self.adapter(equation, x)
     return y
@@ -96,20 +133,37 @@ class RMSNorm(nnx.Module):
 
 
 class Embedder(nnx.Module):
-  """Token embedding (V, D), shared with the output logits (tied)."""
+  """Token embedding (V, D), shared with the output logits (tied).
 
-  def __init__(self, vocab_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
-    self.input_embedding = nnx.Param(_INIT(rngs.params(), (vocab_size, embed_dim), dtype), axes=("V", "D"))
+  quant: None, or "int8" / "int4": `input_embedding` holds values and `input_embedding_scale` a float
+  scale per row (block None) or per block of `block` entries of D, the axis the logits contract.
+  """
+
+  def __init__(self, vocab_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs, quant: str | None = None,
+               block: int | None = None):
+    shape = (vocab_size, embed_dim)
+    if quant is None:
+      self.input_embedding = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=("V", "D"))
+      self.input_embedding_scale = None
+    else:
+      self.input_embedding, self.input_embedding_scale = quantized_params(shape, ("V", "D"), -1, quant, block, dtype)
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """(B, T) ids -> (B, T, D), scaled by sqrt(D) cast to the activation dtype first.
 
     In bf16 sqrt(3072) rounds to 55.5; the official model was trained with that value (litgpt#1031).
+    A quantized table's rows are dequantized after the lookup, in the scale's dtype.
     """
     table = self.input_embedding[...]
     x = jnp.take(table, tokens, axis=0)
+    if self.input_embedding_scale is not None:
+      scale = self.input_embedding_scale[...]
+      x = dequantize(x, jnp.take(scale, tokens, axis=0), -1, scale.dtype)
     return x * jnp.sqrt(jnp.float32(table.shape[1])).astype(x.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, V) float32 logits."""
-    return weight_einsum("BTD,VD->BTV", x, self.input_embedding[...], preferred_element_type=jnp.float32)
+    table = self.input_embedding[...]
+    if self.input_embedding_scale is not None:
+      table = QWeight(table, self.input_embedding_scale[...], -1)
+    return weight_einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)

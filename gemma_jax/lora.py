@@ -13,7 +13,7 @@ An adapter adds scale * (x A) B to one Einsum's output, scale = alpha / rank (Hu
 kv_einsum and gating_einsum stack two matrices on C ([k, v], [gate, up]), so A and B carry C too: each
 of the two gets its own adapter, as in PEFT. All five follow one rule: A holds w's stacked axis, the axes
 the input contracts and R; B holds the stacked axis, R and w's other axes. A and B are nnx.LoRAParams
-(a Param subclass with logical `axes`), so `split` separates them from the frozen base.
+(a Param subclass with logical `axes`), so `split` separates them from the frozen base (QLoRA: a quantized one).
 
   lora.apply(model, LoraConfig(rank=8, alpha=16))     # in place; B = 0: the model computes what it did
   graphdef, lora_params, base = lora.split(model)     # train.loss_fn(lora_params, graphdef, b, frozen=base)
@@ -42,6 +42,7 @@ from .atomic import atomic_directory
 from .configs import DTYPES
 from .errors import GemmaError
 from .layers import Einsum
+from .quantize import dequantize_params, float_config
 from .shapes import unchecked_fields
 from .transformer import Transformer, flat_params, official_path
 from .tree import unflatten
@@ -220,11 +221,13 @@ def split(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 def merge(model: Transformer) -> dict[str, jax.Array]:
   """{official name: array} of the base params with every adapter folded in: w + scale * A B.
 
-  The sum is taken in float32 and cast to w's dtype. The model is not changed; checkpoint.save takes
-  tree.unflatten of the result (or use save_merged).
+  The sum is taken in float32 and cast to w's dtype. A quantized base (QLoRA) is dequantized first, to
+  float32: the result is the float model of float_config(model.config). The model is not
+  changed; checkpoint.save takes tree.unflatten of the result (or use save_merged).
   """
   _, _, base = nnx.split(model, nnx.LoRAParam, ...)
   flat = flat_params(base)
+  dequantize_params(model.config, flat)  # nothing to do for a float base
   for name, adapter in adapters(model).items():
     w = flat[f"{name}/w"]
     flat[f"{name}/w"] = (w.astype(jnp.float32) + adapter.delta()).astype(w.dtype)
@@ -235,18 +238,15 @@ def save_merged(directory: str | os.PathLike, model: Transformer, *, source: str
                 tokenizer_proto: bytes | None = None, instruct: bool | None = None,
                 overwrite: bool = False) -> pathlib.Path:
   """Writes merge(model) as a plain checkpoint (checkpoint.save): gj.load and every CLI read it."""
-  return checkpoint.save(directory, model.config, unflatten(merge(model)), tokenizer_proto=tokenizer_proto,
-                         source=source, instruct=instruct, overwrite=overwrite)
+  return checkpoint.save(directory, float_config(model.config), unflatten(merge(model)),
+                         tokenizer_proto=tokenizer_proto, source=source, instruct=instruct, overwrite=overwrite)
 
 
 # ---- adapter-only files -----------------------------------------------------------------------------
 
 def adapter_arrays(model: Transformer) -> dict[str, jax.Array]:
   """{"layer_0/attn/q_einsum/lora_a": A, ...../lora_b": B} of every adapter (the adapter file's keys)."""
-  out = {}
-  for name, adapter in adapters(model).items():
-    out[f"{name}/lora_a"], out[f"{name}/lora_b"] = adapter.lora_a[...], adapter.lora_b[...]
-  return out
+  return {f"{n}/lora_{x}": getattr(a, f"lora_{x}")[...] for n, a in adapters(model).items() for x in "ab"}
 
 
 def save_adapter(directory: str | os.PathLike, model: Transformer, *, source: str = "",

@@ -15,7 +15,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -23,6 +22,7 @@ from . import checkpoint
 from .cache import Cache, init_cache
 from .configs import ModelConfig, get_preset
 from .errors import GemmaError
+from .qarray import nbytes
 from .shapes import CACHE_AXES
 from .sharding import (DEFAULT_MESH, GENERATION, Rules, get_rules, mesh_sizes, param_axes, parse_mesh_spec,
                        partition_spec, shard_shape)
@@ -64,12 +64,11 @@ def memory_plan(params: nnx.State, cache: Cache, rules: Rules | str,
 
   def add(name, shape, dtype, axes, what):
     spec = partition_spec(axes, shape, rules, sizes, what)
-    item = np.dtype(dtype).itemsize
     for key in (name, "params" if name.startswith("params") else None):
       if key:
         acc = rows.setdefault(key, [0, 0])
-        acc[0] += math.prod(shape) * item
-        acc[1] += math.prod(shard_shape(shape, spec, sizes)) * item
+        acc[0] += nbytes(shape, dtype)  # int4 half a byte (qarray.py)
+        acc[1] += nbytes(shard_shape(shape, spec, sizes), dtype)
 
   for path, (axes, shape, dtype) in param_axes(params).items():
     add(_group(path), shape, dtype, axes, f"parameter {path}")

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .configs import QUANT_SCHEMES
 from .errors import GemmaError
 
 METHODS = ("lora", "full")
@@ -31,6 +32,9 @@ class Recipe:
     ckpt: the base checkpoint directory (None: the embedded default model).
     data / eval_data: JSONL files (data.py); eval_data is optional.
     method: "lora" (adapters on `lora_targets`, base frozen) or "full" (every param trained).
+    quantize: None, or "int8" / "int4": the base is quantized in memory when loaded and its adapters
+      train over the frozen int values (QLoRA; quantize.py's defaults). A base checkpoint that is
+      already quantized needs no setting: LoRA over it is QLoRA too.
     steps: optimizer updates; each takes grad_accum batches of batch_size rows of seq_len tokens at most.
     pack: several examples per row (data.py); truncate: cut examples longer than seq_len instead of
       refusing them.
@@ -42,6 +46,7 @@ class Recipe:
   ckpt: str | None = None
   eval_data: str | None = None
   method: str = "lora"
+  quantize: str | None = None
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear")
@@ -73,6 +78,11 @@ class Recipe:
       raise GemmaError("no training data: pass --data FILE.jsonl (or `data:` in the recipe)")
     if self.method not in METHODS:
       raise GemmaError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+    if self.quantize not in (None, *QUANT_SCHEMES):
+      raise GemmaError(f"unknown quantize scheme {self.quantize!r}; known: {', '.join(QUANT_SCHEMES)}")
+    if self.quantize is not None and self.method != "lora":
+      raise GemmaError(f"quantize ({self.quantize}) needs method lora: a quantized base is frozen (QLoRA), "
+                       "only adapters train")
     if self.dtype not in DTYPES:
       raise GemmaError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
     positive = ("steps", "batch_size", "seq_len", "grad_accum", "lora_rank", "save_every", "keep", "eval_every")

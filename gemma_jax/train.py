@@ -22,6 +22,7 @@ SETTINGS = {
     "data": (str, "training examples, JSONL: {text} | {prompt, response} | {messages} per line"),
     "eval-data": (str, "held-out examples (JSONL) for the eval loss"),
     "method": (str, "lora (default) or full"),
+    "quantize": (str, "int8 or int4: quantize the base in memory and train LoRA over it (QLoRA)"),
     "lora-rank": (int, "adapter rank (default 8)"),
     "lora-alpha": (float, "adapter scale numerator: the update is alpha/rank * x A B (default 16)"),
     "steps": (int, "optimizer updates (default 200)"),

@@ -4,7 +4,8 @@
   RUN/metrics.jsonl    one JSON object per step (and per evaluation)
   RUN/checkpoints/N/   Orbax: trainable params + optimizer state ("state"), step, data position and
                        checksums ("meta"); the last `keep` are kept
-  RUN/final            at the end: a normal checkpoint (LoRA merged in), usable as --ckpt by every CLI
+  RUN/final            at the end: a normal checkpoint (LoRA merged in; a quantized base dequantized
+                       first, so float32), usable as --ckpt by every CLI
   RUN/adapter          LoRA only: the adapter alone (lora.save_adapter)
 
 Resuming continues from the newest complete checkpoint and ends bitwise where an uninterrupted run ends:
@@ -33,6 +34,7 @@ from flax import nnx
 from . import checkpoint, data, integrity, lora, optim
 from .errors import GemmaError
 from .model import Model, load
+from .quantize import describe, float_config, quantize
 from .recipe import Recipe, read_saved, write
 from .sharding import TRAINING, Layout
 from .transformer import flat_params
@@ -72,6 +74,11 @@ def prepare(recipe: Recipe, base_path: str | pathlib.Path) -> Run:
   the LoRA adapters and initialises the optimizer. Data errors come before the model is loaded."""
   layout = Layout.of(recipe.mesh, TRAINING) if recipe.mesh else None
   base = load(base_path, dtype="float32", mesh=layout.mesh if layout else None, rules=TRAINING)
+  if recipe.quantize is not None:
+    base = quantize(base, recipe.quantize)
+  if base.config.quantized and recipe.method != "lora":
+    raise GemmaError(f"{base_path} is quantized ({describe(base.config)}): its int values cannot be "
+                     "trained; use --method lora (QLoRA), or a float checkpoint for full fine-tuning")
   if base.tokenizer is None:
     raise GemmaError(f"{base_path} has no tokenizer.model: training reads text and needs one")
   train = data.read_examples(recipe.data, base.tokenizer, seq_len=recipe.seq_len, truncate=recipe.truncate)
@@ -287,6 +294,7 @@ def export(run: Run, run_dir: str | pathlib.Path) -> pathlib.Path:
   eot = base.tokenizer.end_of_turn_id
   chat = eot is not None and any(np.any(e.ids[e.targets] == eot) for e in run.examples)
   instruct = True if chat else base.instruct
-  return checkpoint.save(run_dir / "final", base.config.replace(dtype="float32"), params,
+  # A QLoRA run's final model is its base dequantized with the adapters merged in (lora.merge): float32.
+  return checkpoint.save(run_dir / "final", float_config(base.config).replace(dtype="float32"), params,
                          tokenizer_proto=base.tokenizer.serialized_model_proto(),
                          source=source, instruct=instruct, overwrite=True)

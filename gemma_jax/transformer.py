@@ -29,10 +29,9 @@ class FeedForward(nnx.Module):
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    dtype = jnp.dtype(config.dtype)
-    self.gating_einsum = Einsum((config.hidden_dim, 2, config.embed_dim), ("F", "_", "D"), dtype=dtype,
-                                rngs=rngs)
-    self.linear = Einsum((config.hidden_dim, config.embed_dim), ("F", "D"), dtype=dtype, rngs=rngs)
+    q = dict(dtype=jnp.dtype(config.dtype), rngs=rngs, quant=config.quant, block=config.quant_block)
+    self.gating_einsum = Einsum((config.hidden_dim, 2, config.embed_dim), ("F", "_", "D"), -1, **q)
+    self.linear = Einsum((config.hidden_dim, config.embed_dim), ("F", "D"), 1, **q)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.gating_einsum("BTD,FCD->BTFC", x)
@@ -82,7 +81,8 @@ class Transformer(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.embedder = Embedder(config.vocab_size, config.embed_dim, dtype=jnp.dtype(config.dtype), rngs=rngs)
+    self.embedder = Embedder(config.vocab_size, config.embed_dim, dtype=jnp.dtype(config.dtype), rngs=rngs,
+                             quant=config.quant_embedding, block=config.quant_block)
     self.blocks = nnx.List([Block(config, t, rngs=rngs) for t in config.attention_types])
     self.final_norm = RMSNorm(config.embed_dim, "D", eps=config.norm_eps, dtype=jnp.dtype(config.dtype),
                               rngs=rngs)

@@ -14,6 +14,8 @@ from typing import Any
 LOCAL = "local"
 GLOBAL = "global"
 DTYPES = ("float32", "bfloat16")
+QUANT_SCHEMES = ("int8", "int4")  # weight-only quantization (qarray.py): values and a float scale per block
+QUANT_BLOCKS = (32, 64, 128)  # along the contracting axis; None: one scale per output channel (int8 only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,12 @@ class ModelConfig:
     max_seq_len: context length the model was trained for (an upper bound for cache lengths).
     dtype: runtime dtype of params and activations, "float32" or "bfloat16". Norm statistics,
       softmax, RoPE angles and logits are always float32.
+    quant: None, or "int8" / "int4": every projection weight is stored as values of that type and float
+      scales (qarray.py, quantize.py), and computes dequantized in `dtype`.
+    quant_block: the block of each scale along the contracting axis (32, 64 or 128), or None for one
+      scale per output channel (int8 only). One block size for every quantized weight, embedding included.
+    quant_embedding: None (the embedding in `dtype`), or "int8" / "int4" (a scale per vocabulary row, or
+      per block of it). Independent of `quant`: the embedding is also the tied output layer.
   """
 
   name: str
@@ -68,6 +76,9 @@ class ModelConfig:
   norm_eps: float = 1e-6
   max_seq_len: int = 8192
   dtype: str = "float32"
+  quant: str | None = None
+  quant_block: int | None = None
+  quant_embedding: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
@@ -93,8 +104,41 @@ class ModelConfig:
       problems.append("a pattern with local layers needs a positive sliding_window")
     if self.dtype not in DTYPES:
       problems.append(f"dtype must be one of {DTYPES} (float16 overflows in Gemma), got {self.dtype!r}")
+    if not problems:
+      problems += self.quant_problems()
     if problems:
       raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
+
+  @property
+  def quantized(self) -> bool:
+    """Whether any weight is stored quantized."""
+    return self.quant is not None or self.quant_embedding is not None
+
+  def contracting_dims(self) -> dict[str, int]:
+    """{what: size} of the contracting dims of the weights `quant` and `quant_embedding` cover."""
+    dims = {"embed_dim D": self.embed_dim} if self.quantized else {}
+    if self.quant is not None:
+      dims.update({"hidden_dim F": self.hidden_dim, "num_heads * head_dim": self.num_heads * self.head_dim})
+    return dims
+
+  def quant_problems(self) -> list[str]:
+    """What is wrong with the quant fields (quantize.py raises these as GemmaErrors before any work)."""
+    problems = []
+    for field in ("quant", "quant_embedding"):
+      if getattr(self, field) not in (None, *QUANT_SCHEMES):
+        problems.append(f"{field} must be None or one of {QUANT_SCHEMES}, got {getattr(self, field)!r}")
+    block = self.quant_block
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block not in QUANT_BLOCKS):
+      problems.append(f"quant_block must be None or one of {QUANT_BLOCKS}, got {block!r}")
+    elif block is None and "int4" in (self.quant, self.quant_embedding):
+      problems.append("int4 needs a block size (quant_block 32, 64 or 128): a scale per output channel of 4-bit "
+                      "values loses too much")
+    elif block is not None:
+      if not self.quantized:
+        problems.append(f"quant_block {block} is set but nothing is quantized")
+      problems += [f"block size {block} does not divide the contracting dimension {what} = {n}"
+                   for what, n in self.contracting_dims().items() if n % block]
+    return problems
 
   @property
   def attention_types(self) -> tuple[str, ...]:

@@ -36,6 +36,9 @@ class Imported:
   tokenizer_proto: bytes | None
   source: str
   instruct: bool | None = None  # instruction-tuned? None when the source does not say
+  # {weight name: (scheme, scale)}: blocks the source already holds quantized (GGUF's Q8_0 and Q4_0), which
+  # `convert --quantize` keeps exactly when its scheme and block size match (quantize.quantize_params).
+  block_scales: dict[str, tuple[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def looks_instruct(*names: str | None) -> bool:

@@ -5,6 +5,13 @@ weights with the +1 already added (convert_hf_to_gguf.py, GemmaModel.modify_tens
 subtracted here; q/k are not permuted for Gemma (NEOX rope, rotate-half), so they load as they are.
 Quantized tensors are dequantized to float32 with the gguf package, one tensor at a time from the
 memory-mapped file, so only one full copy of the weights is ever held.
+
+Q8_0 and Q4_0 tensors are int8 / int4 values with one float16 scale per 32 consecutive weights along a
+row (GGUF's innermost dim), which is the input dim of every matrix: after our transposes, the contracting
+axis of each weight (the embedding's D included). block_scales=True also returns those scales in our
+layouts (Imported.block_scales), so that `convert --quantize int8|int4` keeps the blocks exactly as they
+are (values = the dequantized weight / its scale, exact). A weight built from tensors of two types (k and
+v, gate and up) has no one kind and is requantized, as is every other type (Q4_K, Q5_0, Q6_K, ...).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from ..configs import OWN_LOCAL_ROPE_BASE, ModelConfig, family_defaults
 from ..errors import GemmaError
 from .common import BlockNames, DeviceParams, Imported, block_params, expect_shape, looks_instruct, matching_preset
 from .gguf_tokenizer import tokenizer_from_gguf
+from ..quantize import quantized_weights
 
 T = gguf_lib.GGMLQuantizationType
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K,
@@ -155,8 +163,37 @@ def dequantize(tensor, where: str) -> np.ndarray:
   return out.reshape(shape)
 
 
-def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
-  """Reads a Gemma GGUF file into our params (flat, float32), config and tokenizer."""
+# GGUF types kept as blocks by `convert --quantize`: the scheme they are, and their bytes per block of 32.
+KEPT_TYPES = {T.Q8_0: ("int8", 34), T.Q4_0: ("int4", 18)}
+BLOCK = 32
+_KINDS = {"int8": 8, "int4": 4}  # kind codes of the kind pass (int8 arrays)
+
+
+def expanded_scales(tensor) -> np.ndarray:
+  """A Q8_0 / Q4_0 tensor's float16 block scales, each repeated over its 32 weights: numpy shape."""
+  shape = tuple(int(x) for x in reversed(tensor.shape))
+  raw = np.asarray(tensor.data).reshape(-1, KEPT_TYPES[tensor.tensor_type][1])  # one row per block, d first
+  d = raw[:, :2].copy().view(np.float16)[:, 0]
+  return np.repeat(d, BLOCK).reshape(shape)
+
+
+def collapse(expanded: np.ndarray, contract: int) -> np.ndarray | None:
+  """Our-layout expanded scales -> the scale (qarray.py's shape for blocks of 32), None unless each block
+  of our contracting axis holds one value (else the GGUF blocks did not run along it)."""
+  from .. import qarray  # noqa: PLC0415
+  c = qarray.contracted_size(expanded.shape, contract)
+  if c % BLOCK:
+    return None
+  blocked = expanded.reshape(c // BLOCK, BLOCK, -1) if contract > 0 else expanded.reshape(-1, c // BLOCK, BLOCK)
+  first = blocked[:, :1] if contract > 0 else blocked[..., :1]
+  if not np.array_equal(blocked, np.broadcast_to(first, blocked.shape)):
+    return None
+  return np.ascontiguousarray(first.astype(np.float32)).reshape(qarray.scale_shape(expanded.shape, contract, BLOCK))
+
+
+def import_gguf(path: str | os.PathLike, progress: bool = False, block_scales: bool = False) -> Imported:
+  """Reads a Gemma GGUF file into our params (flat, float32), config and tokenizer; block_scales: also the
+  block scales of Q8_0 / Q4_0 weights (module docstring)."""
   reader = open_reader(path)
   where = str(path)
   cfg = read_config(reader)
@@ -172,11 +209,37 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
     bar.update()
     return expect_shape(name, dequantize(_tensor(reader, name), where), shape, where)
 
+  scales: dict[str, tuple[str, np.ndarray]] = {}
+
+  def keep(kinds: dict[str, np.ndarray], expanded: dict[str, np.ndarray]) -> None:
+    """Records the scales of each weight whose tensors are all of one kept type (kinds: their codes)."""
+    contracts = quantized_weights(cfg.replace(quant="int8", quant_embedding="int8"))
+    for name, kind in kinds.items():
+      codes = np.unique(kind)
+      if name in contracts and len(codes) == 1 and codes[0]:
+        scale = collapse(expanded[name], contracts[name])
+        if scale is not None:
+          scheme = next(k for k, c in _KINDS.items() if c == codes[0])
+          scales[name] = (scheme, scale)
+
+  def kind_of(name, shape):
+    t = _tensor(reader, name)
+    return np.full(shape, _KINDS[KEPT_TYPES[t.tensor_type][0]] if t.tensor_type in KEPT_TYPES else 0, np.int8)
+
+  def scale_of(name, shape):
+    t = _tensor(reader, name)
+    return expanded_scales(t) if t.tensor_type in KEPT_TYPES else np.zeros(shape, np.float16)
+
   params = DeviceParams()
   params["embedder/input_embedding"] = take("token_embd.weight", (v, d))
   params["final_norm/scale"] = take("output_norm.weight", (d,)) - 1.0
+  if block_scales:
+    embd = "embedder/input_embedding"
+    keep({embd: kind_of("token_embd.weight", (v, d))}, {embd: scale_of("token_embd.weight", (v, d))})
   for i in range(cfg.num_layers):
     params.update(block_params(cfg, i, BLOCK_NAMES, take, lambda name, shape: take(name, shape) - 1.0))
+    if block_scales:
+      keep(block_params(cfg, i, BLOCK_NAMES, kind_of, kind_of), block_params(cfg, i, BLOCK_NAMES, scale_of, kind_of))
   bar.close()
   names.discard("output.weight")  # an untied copy of the embedding some converters write; Gemma ties it
   names.discard("rope_freqs.weight")
@@ -188,4 +251,5 @@ def import_gguf(path: str | os.PathLike, progress: bool = False) -> Imported:
   # names itself without either is a base model.
   names = [_field(reader, k) for k in ("general.name", "general.finetune", "general.basename")]
   instruct = looks_instruct(*names, pathlib.Path(path).stem)
-  return Imported(cfg, params, proto, source=f"gguf:{pathlib.Path(path).name}", instruct=instruct)
+  return Imported(cfg, params, proto, source=f"gguf:{pathlib.Path(path).name}", instruct=instruct,
+                  block_scales=scales)
