@@ -8,11 +8,16 @@ are built from these positions, never from slot indices, which keeps ring buffer
 An int8 cache (init_cache(..., dtype="int8")) stores k and v as int8 with one float32 scale per row, slot
 and kv head: symmetric absmax quantization over the head dimension H (scale = max|x| / 127), done once,
 when a chunk is written. Attention reads every key and value as the cache stores it -- the chunk being
-fed too, not only what earlier calls wrote (LayerCache.encode) -- so results do not depend on how a text is
-cut into calls: prefill in one call, token by token, a chat turn after turn or its replay from scratch
-all see the same keys. llama.cpp and vLLM do the same: they write the chunk into the cache, then attend
-over the cache (llama.cpp src/llama-graph.cpp build_attn: cpy_k/cpy_v, then get_k/get_v; vLLM
-FlashAttentionImpl.forward: reshape_and_cache_flash, then flash_attn_varlen_func on key_cache/value_cache).
+fed too, not only what earlier calls wrote (LayerCache.encode) -- so what is computed does not depend on
+how a text is cut into calls: prefill in one call, token by token, a chat turn after turn or its replay
+from scratch all attend to quantized keys (were a chunk to read its own keys in full precision, each cut
+would define a different model). llama.cpp and vLLM do the same: they write the chunk into the cache,
+then attend over the cache (llama.cpp src/llama-graph.cpp build_attn: cpy_k/cpy_v, then get_k/get_v;
+vLLM FlashAttentionImpl.forward: reshape_and_cache_flash, then flash_attn_varlen_func on key_cache/
+value_cache). Float rounding still differs between cuts (matmuls of other shapes), and quantization
+amplifies it: a key element on a rounding boundary moves by a whole step. On Gemma 3 270M, scoring 40
+tokens in one call or in chunks of 8 differs by 0.0125 nats per token on average (0.07 at most), where a
+float32 cache differs by 1e-5.
 """
 
 from __future__ import annotations

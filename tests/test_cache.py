@@ -107,7 +107,9 @@ def test_int8_greedy_equals_a_quantized_full_forward_3x_past_the_window(model):
   np.testing.assert_allclose(model.logprobs(PROMPT + new, chunk=1)[:len(want)], want, rtol=0, atol=1e-3)
 
 
-def test_int8_results_do_not_depend_on_how_the_text_is_cut(model):
+def test_int8_results_depend_on_how_the_text_is_cut_only_through_rounding(model):
+  """The chunk reads its own keys quantized too (cache.py), so every cut computes the same function; what
+  differs is float rounding, amplified where it moves a key element across a quantization boundary."""
   ids = [int(i) for i in np.random.default_rng(1).integers(0, 251, size=40)]
   one = model.logprobs(ids)
   for chunk in (1, 7, 16):
