@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .cache import LayerCache
+from .cache import LayerCache, Stored
 from .configs import LOCAL, ModelConfig
 from .layers import Einsum, RMSNorm
 from .rope import apply_rope
@@ -77,8 +77,8 @@ class Attention(nnx.Module):
                segments: Int[Array, "B T"] | None = None) -> tuple[Hidden, LayerCache | None]:
     """x (B, T, D) at positions (B, T) (-1 = padding) -> (B, T, D) and the cache with this chunk added.
 
-    Queries attend to the cache as it was before this call plus the chunk itself, then the chunk is
-    written. Attending to both parts (one softmax over their concatenated logits) keeps a ring buffer
+    Queries attend to the cache as it was before this call plus the chunk itself (read as the cache
+    stores it: quantized for an int8 cache), then the chunk is written. Attending to both parts (one softmax over their concatenated logits) keeps a ring buffer
     exact even when the chunk is longer than the window, and never copies the cache. fresh=True
     (static) promises the cache is empty, so its slots are not read at all (a first prefill).
     segments (B, T): example ids of packed training rows (attention_mask); only without a cache.
@@ -94,22 +94,34 @@ class Attention(nnx.Module):
     b, t, n, h = q.shape
     qg = q.reshape(b, t, self.num_kv_heads, n // self.num_kv_heads, h)
 
-    parts = [(k, v, positions, segments)]
+    # Each part is keys and values as attention reads them (cache.Stored): the cache as it was, and the
+    # chunk as the cache stores it (int8 caches: quantized, so results do not depend on how a text is cut
+    # into calls; cache.py says why).
+    chunk = Stored(k, v) if cache is None else cache.encode(k, v)
+    parts = [(chunk, positions, segments)]
     if cache is not None and not fresh:
-      parts.insert(0, (cache.k, cache.v, cache.pos, None))
+      parts.insert(0, (cache.stored, cache.pos, None))
     logits = []
-    for keys, _, k_pos, k_seg in parts:
+    for kv, k_pos, k_seg in parts:
+      # int8 keys: the dot product runs on the integers (exact in bf16/f32) and each (row, slot, kv head)
+      # scale multiplies its logit afterwards: q . (k8 * s) = (q . k8) * s, without a dequantized copy.
+      keys = kv.k if kv.k_scale is None else kv.k.astype(qg.dtype)
       l = jnp.einsum("BTKGH,BSKH->BTKGS", qg, keys, preferred_element_type=jnp.float32)
+      if kv.k_scale is not None:
+        l = l * jnp.swapaxes(kv.k_scale, 1, 2)[:, None, :, None, :]
       if self.softcap is not None:
         l = jnp.tanh(l / self.softcap) * self.softcap
       mask = attention_mask(positions, k_pos, self.window, k_seg)[:, :, None, None, :]
       logits.append(jnp.where(mask, l, MASK_VALUE))
-    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
     out, start = 0.0, 0
-    for keys, values, _, _ in parts:
-      s = keys.shape[1]
-      out = out + jnp.einsum("BTKGS,BSKH->BTKGH", probs[..., start:start + s], values)
+    for kv, _, _ in parts:
+      s = kv.k.shape[1]
+      p, values = probs[..., start:start + s], kv.v
+      if kv.v_scale is not None:  # likewise: sum_s p_s * (v8_s * s_s) = sum_s (p_s * s_s) * v8_s
+        p, values = p * jnp.swapaxes(kv.v_scale, 1, 2)[:, None, :, None, :], values.astype(v.dtype)
+      out = out + jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(v.dtype), values)
       start += s
     out = out.reshape(b, t, n, h).astype(x.dtype)
-    new_cache = None if cache is None else cache.write(k, v, positions)
+    new_cache = None if cache is None else cache.write_stored(chunk, positions)
     return self.attn_vec_einsum("BTNH,NHD->BTD", out), new_cache

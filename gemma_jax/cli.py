@@ -19,6 +19,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="runtime dtype of params and activations (default: float32 on CPU, "
                            "bfloat16 on accelerators)")
+  # No argparse `choices`: an unknown name is then one `error:` line (exit 2) like every other bad input.
+  parser.add_argument("--kv-cache-dtype", metavar="DTYPE",
+                      help="what the KV cache stores keys and values as: float32, bfloat16 or int8 (a float32 "
+                           "scale per token and kv head: about half a bfloat16 cache; default: --dtype)")
   parser.add_argument("--mesh", metavar="SPEC",
                       help="spread the model over devices, e.g. data=1,model=-1 (-1 takes the rest): params "
                            "are restored straight into their shards (default: one device; with several "
@@ -90,15 +94,18 @@ def load_model(args: argparse.Namespace):
   """The Model named by --ckpt (or the default model) in the dtype of --dtype, on the --mesh."""
   import jax  # noqa: PLC0415 (keep --help fast)
 
+  from .cache import check_kv_cache_dtype  # noqa: PLC0415
   from .default_model import default_checkpoint  # noqa: PLC0415
   from .model import load  # noqa: PLC0415
   from .sharding import DEFAULT_MESH, make_mesh  # noqa: PLC0415
 
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  kv_cache_dtype = check_kv_cache_dtype(args.kv_cache_dtype)  # before the checkpoint is looked for
   spec = args.mesh or (DEFAULT_MESH if jax.process_count() > 1 else None)
   mesh = make_mesh(spec) if spec else None  # before the checkpoint: a bad spec fails at once
   path = args.ckpt or default_checkpoint(progress=sys.stderr.isatty() and jax.process_index() == 0)
-  return load(path, dtype=dtype, mesh=mesh, verify=not getattr(args, "no_verify", False))
+  return load(path, dtype=dtype, mesh=mesh, verify=not getattr(args, "no_verify", False),
+              kv_cache_dtype=kv_cache_dtype)
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

@@ -95,6 +95,20 @@ class Decoder:
     out = model(tokens, positions, cache, fresh=fresh, last_only=True)
     return constrain(self.layout, model.logits(out.hidden)[:, 0], ("B", "V")), constrain_cache(self.layout, out.cache)
 
+  @functools.partial(jax.jit, static_argnums=0, static_argnames="fresh", donate_argnums=5)
+  def score_chunk(self, params: nnx.State, tokens: Tokens, positions: Positions, targets: Tokens, cache: Cache,
+                  fresh: bool = False) -> tuple[Float[Array, "B T"], Cache]:
+    """Teacher-forced scoring through the cache: log p(targets[:, t] | the cache and tokens[:, :t+1]).
+
+    tokens, positions, targets (B, T); positions -1 mark padding (their log-probs are meaningless).
+    Returns the (B, T) float32 log-probs (replicated with a layout) and the cache with the chunk written,
+    so a long text is scored chunk after chunk with the memory of one chunk's attention.
+    """
+    model = nnx.merge(self.graphdef, params)
+    out = model(tokens, positions, cache, fresh=fresh)
+    return (constrain(self.layout, model.token_logprobs(out.hidden, targets)),
+            constrain_cache(self.layout, out.cache))
+
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
   def decode_loop(self, params: nnx.State, state: DecodeState, sampling: Sampling, max_steps: Int[Array, ""],
                   stop_ids: Int[Array, "_"], allowed: Bool[Array, "V"]) -> tuple[Int[Array, "B _"], DecodeState]:

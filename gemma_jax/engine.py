@@ -74,11 +74,13 @@ def check_finite(out: np.ndarray) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
-  """What generation needs of a model: its config, params and Decoder (graph definition and layout)."""
+  """What generation needs of a model: its config, params and Decoder (graph definition and layout), and
+  what its KV caches store k and v as (cache.KV_CACHE_DTYPES; None: the config's dtype)."""
 
   config: ModelConfig
   params: nnx.State
   decoder: Decoder
+  kv_dtype: str | None = None
 
   @property
   def layout(self):
@@ -133,7 +135,7 @@ def start(eng: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   idle = b - len(prompts)  # padding rows: no tokens (positions -1), done from the start
   tokens, positions = pad_rows(list(prompts) + [[]] * idle, [0] * b, t_pad)
   with memory_guard(f"prefilling {len(prompts)} prompts of up to {longest} tokens into a cache of {cache_len}"):
-    cache = init_cache(cfg, b, cache_len, rolling=rolling, place=eng.place)
+    cache = init_cache(cfg, b, cache_len, eng.kv_dtype, rolling=rolling, place=eng.place)
     logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
                                         cache, fresh=True)
   return DecodeState(logits=logits, pos=eng.put(np.array([len(r) for r in prompts] + [0] * idle, np.int32)),
@@ -197,3 +199,32 @@ def mark_done(eng: Engine, state: DecodeState, rows: np.ndarray) -> DecodeState:
 def resize(eng: Engine, state: DecodeState, cache_len: int, rolling: bool = False) -> DecodeState:
   """The state with its cache moved into one of cache_len slots (growing a conversation's cache)."""
   return state.replace(cache=resize_cache(eng.config, state.cache, cache_len, rolling, eng.place))
+
+
+def score(eng: Engine, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
+  """Teacher-forced log p(ids[t+1] | ids[:t+1]) for one sequence (ids checked, BOS first): (len - 1,) float32.
+
+  chunk None and no kv_dtype: one forward without a cache. Otherwise through the KV cache, `chunk` tokens
+  per call (default: all in one): the scores generation with that cache gives (an int8 cache's keys and
+  values are quantized; chunking changes nothing else), with the memory of one chunk's attention.
+  """
+  n, cfg = len(ids), eng.config
+  if chunk is None and eng.kv_dtype is None:
+    tokens, positions = pad_rows([ids], [0], min(bucket(n), cfg.max_seq_len))
+    with memory_guard(f"scoring {n} tokens"):
+      out = eng.decoder.token_logprobs(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")))
+      return np.asarray(out)[0, :n - 1]
+  fed, targets = list(ids[:-1]), list(ids[1:])  # the last token is scored, never fed
+  chunk = len(fed) if chunk is None else chunk
+  width, rows, out = bucket(min(chunk, len(fed))), eng.padded(1), []
+  put = lambda x: eng.put(x, ("B", "T"))
+  with memory_guard(f"scoring {n} tokens in chunks of {chunk} through the cache"):
+    cache = init_cache(cfg, rows, min(bucket(len(fed)), cfg.max_seq_len), eng.kv_dtype, place=eng.place)
+    for start in range(0, len(fed), chunk):
+      piece = [fed[start:start + chunk]] + [[]] * (rows - 1)  # a sharded batch's idle rows feed nothing
+      tokens, positions = pad_rows(piece, [start] * rows, width)
+      target, _ = pad_rows([targets[start:start + chunk]] + [[]] * (rows - 1), [0] * rows, width)
+      logprobs, cache = eng.decoder.score_chunk(eng.params, put(tokens), put(positions), put(target), cache,
+                                                fresh=start == 0)
+      out.append(np.asarray(logprobs)[0, :len(piece[0])])
+  return np.concatenate(out)

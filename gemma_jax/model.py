@@ -17,6 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from . import checkpoint, engine
+from .cache import check_kv_cache_dtype
+from .checks import check_cache_policy, check_max_new_tokens, check_stop_strings, is_int
 from .configs import ModelConfig
 from .decode import DecodeState, Decoder
 from .errors import GemmaError
@@ -26,33 +28,7 @@ from .streaming import TextStream
 from .tokenizer import Tokenizer
 from .transformer import abstract_model, flat_params, set_flat_params
 
-CACHE_POLICIES = ("error", "rolling")
 SAMPLING_ARGS = ("temperature", "top_k", "top_p", "min_p", "seed")
-
-
-def is_int(x) -> bool:
-  """An int or numpy integer, not a bool (True is an int to Python, never a token or a count here)."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def check_max_new_tokens(max_new_tokens) -> int:
-  """max_new_tokens as a Python int; a GemmaError unless it is an integer >= 1 (numpy integers count)."""
-  if not is_int(max_new_tokens) or max_new_tokens < 1:
-    raise GemmaError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-  return int(max_new_tokens)
-
-
-def check_cache_policy(cache_policy: str) -> None:
-  if cache_policy not in CACHE_POLICIES:
-    raise GemmaError(f"cache_policy must be 'error' or 'rolling', got {cache_policy!r}")
-
-
-def check_stop_strings(stop: Sequence[str] | str) -> tuple[str, ...]:
-  stop = (stop,) if isinstance(stop, str) else tuple(stop)
-  for s in stop:
-    if not isinstance(s, str) or not s:
-      raise GemmaError(f"stop strings must be non-empty strings, got {s!r}")
-  return stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +47,8 @@ class Model:
   Build one with `load(path)` (a converted checkpoint) or `Model.random(config)` (tests); `load(path,
   mesh=...)` or `model.shard(mesh)` spread it over devices. With a layout, params, cache and batch are
   placed by its rules and a batch is padded with idle rows to a multiple of the `data` axis (the padding
-  rows draw nothing and are never returned).
+  rows draw nothing and are never returned). kv_cache_dtype: what its KV caches store k and v as --
+  "float32", "bfloat16" or "int8" (one float32 scale per token and kv head; cache.py); None: the model's dtype.
   """
 
   config: ModelConfig
@@ -80,6 +57,10 @@ class Model:
   tokenizer: Tokenizer | None = None
   instruct: bool | None = None  # an instruction-tuned checkpoint? None: the source did not say
   layout: Layout | None = None  # mesh and sharding rules; None: one device
+  kv_cache_dtype: str | None = None
+
+  def __post_init__(self):
+    check_kv_cache_dtype(self.kv_cache_dtype)
 
   @classmethod
   def random(cls, config: ModelConfig, seed: int = 0, tokenizer: Tokenizer | None = None) -> "Model":
@@ -107,7 +88,7 @@ class Model:
 
   @property
   def engine(self) -> engine.Engine:
-    return engine.Engine(self.config, self.params, self.decoder)
+    return engine.Engine(self.config, self.params, self.decoder, self.kv_cache_dtype)
 
   # ---- ids: the one place they are checked ----
 
@@ -305,19 +286,22 @@ class Model:
 
   # ---- scoring ----
 
-  def logprobs(self, ids: Sequence[int]) -> np.ndarray:
-    """Teacher-forced log-probability of each token after the first: (len(ids) - 1,) float32."""
+  def logprobs(self, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
+    """Teacher-forced log-probability of each token after the first: (len(ids) - 1,) float32.
+
+    chunk: score through the KV cache, this many tokens per call (the memory of one chunk's attention).
+    A model with a kv_cache_dtype always scores through its cache (default: one chunk), so the scores
+    are those its generation sees; otherwise the default is one forward without a cache.
+    """
     ids = self.check_ids(ids, "token sequence")
     if len(ids) < 2:
       raise GemmaError("scoring needs at least two tokens (BOS and one more)")
     if len(ids) > self.config.max_seq_len:
       raise GemmaError(f"sequence of {len(ids)} tokens exceeds the model's context of "
                        f"{self.config.max_seq_len} tokens")
-    eng = self.engine
-    tokens, positions = engine.pad_rows([ids], [0], min(engine.bucket(len(ids)), self.config.max_seq_len))
-    with engine.memory_guard(f"scoring {len(ids)} tokens"):
-      out = self.decoder.token_logprobs(self.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")))
-      out = np.asarray(out)[0, :len(ids) - 1]
+    if chunk is not None and (not is_int(chunk) or chunk < 1):
+      raise GemmaError(f"chunk must be an integer >= 1, got {chunk!r}")
+    out = engine.score(self.engine, ids, chunk)
     bad = np.flatnonzero(~np.isfinite(out))
     if bad.size:
       raise GemmaError(f"the model produced a non-finite log-probability (nan or inf) for token {bad[0] + 1} "
@@ -325,7 +309,8 @@ class Model:
     return out
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
-    """Full-sequence logits (len(ids), V) float32 for one unpadded sequence (tests, analysis)."""
+    """Full-sequence logits (len(ids), V) float32 for one unpadded sequence (tests, analysis): one forward
+    without a cache, so a kv_cache_dtype plays no part."""
     ids, eng = self.check_ids(ids, "token sequence"), self.engine
     tokens = eng.put(np.asarray([ids], np.int32), ("B", "T"))
     positions = eng.put(np.arange(len(ids), dtype=np.int32)[None], ("B", "T"))
@@ -333,16 +318,18 @@ class Model:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | None = None,
-         rules: Rules | str = GENERATION, *, verify: bool = True) -> Model:
+         rules: Rules | str = GENERATION, *, verify: bool = True, kv_cache_dtype: str | None = None) -> Model:
   """Loads a converted checkpoint directory (see checkpoint.py) into a Model.
 
   dtype: "float32" or "bfloat16"; default: the checkpoint's config (float32 for imports).
   mesh: a Mesh (sharding.make_mesh) or a spec such as "data=1,model=-1": each param is restored
     straight into its sharding under `rules` (each device reads only its slice); None: one device.
   verify: check every param against the checksums recorded when the checkpoint was written.
+  kv_cache_dtype: "float32", "bfloat16" or "int8": what generation's KV caches store (default: dtype).
   """
+  check_kv_cache_dtype(kv_cache_dtype)  # before anything is read
   layout = None if mesh is None else Layout.of(mesh, rules)
   loaded = checkpoint.load(path, dtype, layout, verify=verify)
   proto = loaded.tokenizer_proto
   return Model(loaded.config, loaded.graphdef, loaded.params, Tokenizer(proto) if proto is not None else None,
-               instruct=loaded.meta.get("instruct"), layout=layout)
+               instruct=loaded.meta.get("instruct"), layout=layout, kv_cache_dtype=kv_cache_dtype)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from . import checkpoint
-from .cache import Cache, init_cache
+from .cache import Cache, cache_dtype, init_cache
 from .configs import ModelConfig, get_preset
 from .errors import GemmaError
 from .qarray import nbytes
@@ -75,7 +75,8 @@ def memory_plan(params: nnx.State, cache: Cache, rules: Rules | str,
   for i, layer in enumerate(cache):
     for f, axes in CACHE_AXES.items():
       x = getattr(layer, f)
-      add("kv cache", x.shape, x.dtype, axes, f"cache layer {i} {f}")
+      if x is not None:  # an int8 cache's scales; a float cache has none
+        add("kv cache", x.shape, x.dtype, axes, f"cache layer {i} {f}")
   order = sorted(k for k in rows if k.startswith("params: ")) + ["params", "kv cache"]
   out = [PlanRow(k, *rows[k]) for k in order if k in rows]
   out.append(PlanRow("total", rows["params"][0] + rows.get("kv cache", [0, 0])[0],
@@ -89,12 +90,14 @@ class Plan:
 
   Attributes:
     model, dtype: the config's name and the dtype planned for.
+    kv_cache_dtype: what the cache stores k and v as (dtype unless int8 or another float was asked for).
     mesh: {"data": d, "model": m}.
     rows: param groups, "params", "kv cache" and "total" (memory_plan's rows).
   """
 
   model: str
   dtype: str
+  kv_cache_dtype: str
   mesh: dict[str, int]
   batch_size: int
   cache_len: int
@@ -107,7 +110,7 @@ class Plan:
 
   def to_dict(self) -> dict[str, Any]:
     """The plan as JSON-ready data (what `sample --plan --json` prints)."""
-    return {"model": self.model, "dtype": self.dtype, "mesh": self.mesh, "batch_size": self.batch_size,
+    return {"model": self.model, "dtype": self.dtype, "kv_cache_dtype": self.kv_cache_dtype, "mesh": self.mesh, "batch_size": self.batch_size,
             "cache_len": self.cache_len, "rules": self.rules,
             "rows": [{"name": r.name, "total_bytes": r.total_bytes, "device_bytes": r.device_bytes}
                      for r in self.rows]}
@@ -131,7 +134,8 @@ def config_for(preset: str | None = None, ckpt: str | os.PathLike | None = None)
 
 
 def for_model(config: ModelConfig, mesh: str | Mesh | Mapping[str, int] | None = None, batch_size: int = 1,
-              cache_len: int | None = None, dtype: str | None = None, rules: Rules | str = GENERATION) -> Plan:
+              cache_len: int | None = None, dtype: str | None = None, rules: Rules | str = GENERATION,
+              kv_cache_dtype: str | None = None) -> Plan:
   """The memory plan of `config` serving `batch_size` rows of `cache_len` tokens on a mesh.
 
   Args:
@@ -140,9 +144,11 @@ def for_model(config: ModelConfig, mesh: str | Mesh | Mapping[str, int] | None =
     cache_len: tokens the cache holds; default the model's context (config.max_seq_len).
     dtype: of params and cache; default bfloat16, what accelerators run (the CLIs' default there), so a
       plan is made for them wherever it runs.
+    kv_cache_dtype: what the cache stores k and v as ("float32", "bfloat16", "int8"); default: dtype.
   Errors (GemmaError) name the sample CLI's flags (--cache-len, --batch-size, --mesh).
   """
   config = config.replace(dtype=dtype or "bfloat16")
+  kv_dtype = cache_dtype(config, kv_cache_dtype)  # an unknown name is a GemmaError naming the known ones
   cache_len = config.max_seq_len if cache_len is None else cache_len
   if not 1 <= cache_len <= config.max_seq_len:
     raise GemmaError(f"--cache-len must be in [1, {config.max_seq_len}] (the model's context), got {cache_len}")
@@ -152,9 +158,9 @@ def for_model(config: ModelConfig, mesh: str | Mesh | Mapping[str, int] | None =
   sizes = parse_mesh_spec(mesh, None) if isinstance(mesh, str) else mesh_sizes(mesh)
   rules = get_rules(rules)
   params = abstract_model(config)[1]
-  cache = jax.eval_shape(lambda: init_cache(config, batch_size, cache_len))
+  cache = jax.eval_shape(lambda: init_cache(config, batch_size, cache_len, kv_dtype))
   rows = memory_plan(params, cache, rules, sizes)
-  return Plan(config.name, config.dtype, sizes, batch_size, cache_len, rules.name, tuple(rows))
+  return Plan(config.name, config.dtype, kv_dtype.name, sizes, batch_size, cache_len, rules.name, tuple(rows))
 
 
 __all__ = ["Plan", "PlanRow", "config_for", "for_model", "memory_plan"]

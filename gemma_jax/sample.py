@@ -60,11 +60,13 @@ def print_plan(args) -> int:
   from .sharding import describe_mesh  # noqa: PLC0415
 
   config = plan.config_for(args.preset, args.ckpt)
-  p = plan.for_model(config, args.mesh or None, batch_size=args.batch_size, cache_len=args.cache_len, dtype=args.dtype)
+  p = plan.for_model(config, args.mesh or None, batch_size=args.batch_size, cache_len=args.cache_len, dtype=args.dtype,
+                     kv_cache_dtype=args.kv_cache_dtype)
   if args.json:
     print(json.dumps(p.to_dict()))
     return 0
-  print(f"{p.model} ({p.dtype}) on mesh {describe_mesh(p.mesh)} ({p.devices} devices), "
+  kv = "" if p.kv_cache_dtype == p.dtype else f", {p.kv_cache_dtype} KV cache"
+  print(f"{p.model} ({p.dtype}{kv}) on mesh {describe_mesh(p.mesh)} ({p.devices} devices), "
         f"batch {p.batch_size}, cache {p.cache_len} tokens, {p.rules} rules")
   print(f"{'':<20}{'total':>14}{'per device':>14}{'per device, bytes':>20}")
   for r in p.rows:

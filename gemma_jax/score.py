@@ -21,6 +21,9 @@ def parse_args(argv):
   src.add_argument("--text", help="text to score (BOS is added)")
   src.add_argument("--text-file", help="UTF-8 file whose text is scored (BOS is added)")
   src.add_argument("--tokens-file", help="JSON list of token ids, scored as given (works without a tokenizer)")
+  p.add_argument("--chunk", type=int, metavar="N",
+                 help="score through the KV cache, N tokens per call (memory of one chunk's attention); with "
+                      "--kv-cache-dtype the scores always come through the cache (default: one chunk)")
   p.add_argument("--json", action="store_true", help='print {"tokens": [...], "logprobs": [...]}')
   return p.parse_args(argv)
 
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
       raise GemmaError("empty text: nothing to score")
     model = load_model(args)
     ids = model.encode(text)
-  logprobs = model.logprobs(ids).tolist()
+  logprobs = model.logprobs(ids, chunk=args.chunk).tolist()
   if args.json:
     print(json.dumps({"tokens": ids, "logprobs": logprobs}))
     return 0

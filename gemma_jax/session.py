@@ -12,7 +12,8 @@ from typing import Iterator, Sequence
 from .decode import DecodeState
 from .engine import bucket
 from .errors import GemmaError
-from .model import Model, check_cache_policy, check_max_new_tokens, is_int
+from .checks import check_cache_policy, check_max_new_tokens, is_int
+from .model import Model
 from .sampling import make_sampling
 
 

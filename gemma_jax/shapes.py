@@ -25,8 +25,10 @@ LOGICAL_AXES: tuple[str, ...] = tuple("BTSDFNKGHVLR") + ("_",)
 
 # Logical axes of each cache.LayerCache array: the one place that states the cache layout. cache.init_cache
 # builds shapes from it and sharding.py places and constrains by it; it lives here so that both read it
-# without importing each other (cache.py pins its writes with sharding.pin).
-CACHE_AXES: dict[str, tuple[str, ...]] = {"k": ("B", "S", "K", "H"), "v": ("B", "S", "K", "H"), "pos": ("B", "S")}
+# without importing each other (cache.py pins its writes with sharding.pin). k_scale and v_scale exist only
+# in an int8 cache (one float32 scale per row, slot and kv head; None otherwise): they are split like k and v.
+CACHE_AXES: dict[str, tuple[str, ...]] = {"k": ("B", "S", "K", "H"), "v": ("B", "S", "K", "H"), "pos": ("B", "S"),
+                                          "k_scale": ("B", "S", "K"), "v_scale": ("B", "S", "K")}
 
 
 def unchecked_fields(cls: type[_T]) -> type[_T]:

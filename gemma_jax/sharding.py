@@ -292,8 +292,12 @@ class Layout:
     return jax.lax.with_sharding_constraint(x, sharding)
 
   def constrain_cache(self, cache: Cache) -> Cache:
-    """Keeps the cache where the rules put it, so a donated cache is reused in place call after call."""
-    return tuple(layer.replace(**{f: self.constrain(getattr(layer, f), axes) for f, axes in CACHE_AXES.items()})
+    """Keeps the cache where the rules put it, so a donated cache is reused in place call after call.
+
+    Every array of CACHE_AXES that the cache has (an int8 cache's scales too; a float cache has none).
+    """
+    return tuple(layer.replace(**{f: self.constrain(getattr(layer, f), axes) for f, axes in CACHE_AXES.items()
+                                  if getattr(layer, f) is not None})
                  for layer in cache)
 
 

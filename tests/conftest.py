@@ -27,8 +27,8 @@ import pytest  # noqa: E402
 # Every module of the package is checked except UNCHECKED: modules at the user-input boundary, whose public
 # functions check what users pass themselves and raise GemmaErrors that tests match (a type check would
 # answer first, e.g. for a float token id or a str prompt).
-UNCHECKED = {"gemma_jax.convert", "gemma_jax.evaluate", "gemma_jax.model", "gemma_jax.recipe", "gemma_jax.session",
-             "gemma_jax.tasks", "gemma_jax.tokenizer"}
+UNCHECKED = {"gemma_jax.checks", "gemma_jax.convert", "gemma_jax.evaluate", "gemma_jax.model", "gemma_jax.recipe",
+             "gemma_jax.session", "gemma_jax.tasks", "gemma_jax.tokenizer"}
 _PACKAGE = pathlib.Path(__file__).parent.parent / "gemma_jax"
 CHECKED = sorted({f"gemma_jax.{p.relative_to(_PACKAGE).parts[0].removesuffix('.py')}"
                   for p in _PACKAGE.rglob("*.py") if p != _PACKAGE / "__init__.py"} - UNCHECKED)

@@ -143,6 +143,23 @@ def test_plan_for_gemma2_27b_matches_a_hand_calculation(mesh, data, model, capsy
   assert rows["total"]["device_bytes"] == per_device + cache
 
 
+@pytest.mark.parametrize("mesh, data, model", [("data=1,model=8", 1, 8), ("data=2,model=4", 2, 4)])
+def test_plan_counts_an_int8_kv_cache(mesh, data, model, capsys):
+  code, out, _ = plan(["--preset", "gemma2_27b", "--mesh", mesh, "--plan", "--cache-len", "8192", "--batch-size", "4",
+                       "--kv-cache-dtype", "int8", "--json"], capsys)
+  assert code == 0
+  got = json.loads(out)
+  rows = {r["name"]: r for r in got["rows"]}
+  assert got["dtype"] == "bfloat16" and got["kv_cache_dtype"] == "int8"
+  # As above, with k and v 1 byte per element plus a float32 scale per (row, slot, kv head) for each of
+  # them, split like k and v (batch over data, kv heads over model).
+  K, H, B, slots = 16, 128, 4, 23 * 4096 + 23 * 8192
+  assert rows["kv cache"]["device_bytes"] == B // data * slots * (2 * (K // model) * (H + 4) + 4)
+  assert rows["kv cache"]["total_bytes"] == B * slots * (2 * K * (H + 4) + 4)  # 0.52x the bfloat16 cache
+  code, out, _ = plan(["--preset", "gemma2_27b", "--mesh", mesh, "--plan", "--kv-cache-dtype", "int8"], capsys)
+  assert code == 0 and out.startswith("gemma2_27b (bfloat16, int8 KV cache) on mesh")
+
+
 def test_plan_prints_a_table_without_loading_anything(capsys):
   code, out, _ = plan(["--preset", "gemma3_27b", "--mesh", "data=2,model=8", "--plan", "--cache-len", "32768"],
                       capsys)

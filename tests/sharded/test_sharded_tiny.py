@@ -2,6 +2,7 @@
 1x8, 2x4, 4x2 and 8x1; every param and cache array lands where the rules promise; restores read only each
 device's slice; an FSDP training step equals the unsharded one."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -86,7 +87,8 @@ def check_params(model, rules="generation"):
 def check_cache(cache, mesh):
   for i, layer in enumerate(cache):
     for field, axes in CACHE_AXES.items():
-      check_placed(getattr(layer, field), axes, mesh, f"cache layer {i} {field}")
+      if getattr(layer, field) is not None:  # an int8 cache's scales; a float cache has none
+        check_placed(getattr(layer, field), axes, mesh, f"cache layer {i} {field}")
 
 
 _REFERENCE = {}
@@ -128,6 +130,35 @@ def test_sharded_generation_equals_one_device(name, spec):
   assert rows == want_tokens
 
 
+_INT8 = {}
+
+
+@pytest.mark.parametrize("spec", ["data=1,model=8", "data=2,model=4"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sharded_int8_cache_generation_equals_one_device(name, spec):
+  """The int8 cache's values and scales are split like a float cache (batch over data, kv heads over model
+  where they divide it); generation and scoring through it equal the one-device run."""
+  if name not in _INT8:
+    model = dataclasses.replace(reference(name)[0], kv_cache_dtype="int8")
+    ids = PROMPTS[2] + PROMPTS[0]
+    _INT8[name] = model, model.generate_ids(PROMPTS, max_new_tokens=NEW, stop_ids=[]), ids, model.logprobs(ids, chunk=4)
+  model, want_tokens, ids, want_logprobs = _INT8[name]
+  sharded = model.shard(spec)
+  state = sharded.start(PROMPTS, NEW)
+  assert {layer.k.dtype for layer in state.cache} == {jnp.dtype("int8")}
+  assert all(layer.k_scale is not None and layer.v_scale is not None for layer in state.cache)
+  check_cache(state.cache, sharded.layout.mesh)
+  rows = [[] for _ in PROMPTS]
+  for produced in range(0, NEW, 4):
+    out, state = sharded.run(state, min(4, NEW - produced), make_sampling(len(PROMPTS)), stop_ids=[])
+    for row, new in zip(rows, out):
+      row += new
+    check_cache(state.cache, sharded.layout.mesh)
+  assert rows == want_tokens
+  # Float rounding differs (all-reduces sum in another order) and quantization may amplify it by a step.
+  np.testing.assert_allclose(sharded.logprobs(ids, chunk=4), want_logprobs, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("name, spec, params, cache", [
     # MQA on a model axis of 8 or 2: the one kv head cannot be split; kv weights and cache are replicated
     # over model (the cache still split over data by batch), while heads, MLP and vocab are split.
@@ -160,14 +191,16 @@ def test_fallbacks_for_heads_that_do_not_divide_the_model_axis(name, spec, param
   assert seen >= {(False, d) for d in params} | {(True, d) for d in cache}
 
 
-def test_a_decode_step_never_gathers_a_layers_cache():
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_a_decode_step_never_gathers_a_layers_cache(kv_cache_dtype):
   """GQA whose kv heads (2) do not divide the model axis (4) while the query heads do: XLA once split
   the cache write over K and all-gathered every layer's cache on each step. The write is pinned to the
-  cache's sharding, so what the step gathers for it is the new token's k and v, not the cache."""
+  cache's sharding, so what the step gathers for it is the new token's k and v, not the cache (nor, for
+  an int8 cache, its scales)."""
   import re
 
   cfg = CONFIGS["tiny_gemma3_qk"].replace(sliding_window=16)
-  model = random_model(cfg).shard("data=2,model=4")
+  model = dataclasses.replace(random_model(cfg), kv_cache_dtype=kv_cache_dtype).shard("data=2,model=4")
   state = model.start([[2, 3, 4], [2, 5]], 8, cache_len=64)
   args = (model.decoder.with_capacity(8), model.params, state, model.engine.batch_sampling(make_sampling(2), 2),
           model.engine.put(np.int32(4)), model.engine.put(np.array([-2], np.int32)),
@@ -177,8 +210,11 @@ def test_a_decode_step_never_gathers_a_layers_cache():
   gathered = []  # (elements, line) of each all-gather made for the cache write
   for line in hlo.splitlines():
     if " all-gather(" in line and re.search(r"/(scatter|sharding_constraint)\"", line):
-      dims = re.search(r"= \w+\[([\d,]*)\]", line).group(1)
-      gathered.append((int(np.prod([int(d) for d in dims.split(",")])), line.strip()[:200]))
+      dims = [int(d) for d in re.search(r"= \w+\[([\d,]*)\]", line).group(1).split(",")]
+      gathered.append((int(np.prod(dims)), line.strip()[:200]))
+      # (B, T, ...) of the one new token: never a layer's slots (an int8 cache's scales are the smallest
+      # arrays, (B, S, K), so their size alone would not tell)
+      assert dims[1] == 1, line.strip()[:200]
   assert gathered, "expected the new token's k and v to be gathered"
   assert max(n for n, _ in gathered) < smallest, max(gathered)
 
@@ -201,10 +237,12 @@ def test_padding_rows_of_a_sharded_batch_are_idle_and_never_returned():
   assert len(out) == 3 and all(len(r) == 6 for r in out)
 
 
-def test_feed_and_resized_cache_on_a_mesh_equal_one_device():
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_feed_and_resized_cache_on_a_mesh_equal_one_device(kv_cache_dtype):
   """What a chat turn does: generate, grow the cache, feed more ids, generate again."""
   results = []
-  for model in (reference("tiny_gemma2_gqa")[0], reference("tiny_gemma2_gqa")[0].shard("data=2,model=4")):
+  one = dataclasses.replace(reference("tiny_gemma2_gqa")[0], kv_cache_dtype=kv_cache_dtype)
+  for model in (one, one.shard("data=2,model=4")):
     state = model.start([PROMPTS[0]], 5, cache_len=16)
     sampling = make_sampling(1)
     ids = []
