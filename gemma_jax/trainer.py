@@ -131,7 +131,8 @@ def manager(run_dir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
   # Synchronous saves: a step is on disk (renamed from its temporary name) before training goes on, so
   # "saved at step N" in the metrics is true when it is printed.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(run_dir / "checkpoints", options=options, item_names=("state", "meta"))
+  # Orbax refuses relative paths ("Checkpoint path should be absolute"); `--out runs/x` is one.
+  return ocp.CheckpointManager(run_dir.absolute() / "checkpoints", options=options, item_names=("state", "meta"))
 
 
 def _sums(tree) -> dict[str, int]:

@@ -332,6 +332,13 @@ def test_cli_errors_are_one_line(argv, message, base, data_files, tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
 
 
+def test_a_relative_run_directory_works(base, data_files, tmp_path):
+  proc = train_cli("--ckpt", str(base), "--data", str(data_files[0]), "--out", "runs/rel", "--method", "full",
+                   "--steps", "2", "--seq-len", "32", "--json", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir() and gj.load(tmp_path / "runs" / "rel" / "final")
+
+
 def test_resume_on_a_changed_data_file_is_refused(base, tmp_path):
   train = write_jsonl(tmp_path / "train.jsonl", task_rows(8, 0))
   out = tmp_path / "run"
