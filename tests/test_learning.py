@@ -1,12 +1,13 @@
 """The train CLI teaches the real Gemma 3 270M something it cannot know: a short learning proof for CI.
 
-benchmarks/learning/task.py makes a made-up digit -> letter code ("Encode 4 9 2:" -> " f b l", a key drawn
-from the seed); the base model's exact-match rate on held-out strings is measured here, not assumed. A short
-LoRA run through `python -m gemma_jax.train` must then (1) halve the held-out loss, measured independently of
-the trainer (Model.logprobs on the exported RUN/final, against the base), (2) agree with the eval loss the
-trainer logged (so the export merged what was trained), and (3) answer at least half of the held-out
-prompts exactly, stopping at EOS: a guess of 3-4 letters out of 26 is right with probability < 1e-4.
-The full-size proof (300 steps, 200 prompts) is benchmarks/learning/README.md.
+benchmarks/learning/task.py makes a made-up digit -> letter code, a key drawn from the seed; here in its
+"pairs" style ("Encode 4 9 2:" -> " 4f 9b 2l"), which LoRA learns in tens of steps (the letters-only style of
+the full proof needs ~100). The base model's exact-match rate on held-out strings is measured here, not
+assumed. A 30-step LoRA run through `python -m gemma_jax.train` must then (1) halve the held-out loss,
+measured independently of the trainer (Model.logprobs on the exported RUN/final, against the base), (2) agree
+with the eval loss the trainer logged (so the export merged what was trained), and (3) answer at least half of
+the held-out prompts exactly, stopping at EOS: a guess of 3-4 letters out of 26 is right with probability
+< 1e-4. The full-size proof (300 steps, 200 prompts) is benchmarks/learning/README.md.
 """
 
 import importlib.util
@@ -45,8 +46,8 @@ def test_lora_learns_a_code_the_base_model_cannot_know(ckpt_270m, tmp_path):
   import gemma_jax as gj
 
   task, measure = load_script("task"), load_script("measure")
-  # 3-4 digits: every example fits 16 tokens, the smallest bucket, so a step of 8 rows is quick on 2 cores.
-  task.write(tmp_path / "code", seed=1, n_train=800, n_eval=16, n_test=16, digits=(3, 4))
+  # 3-4 digits: every example is 19-24 tokens, one bucket of 32 (one compiled shape).
+  task.write(tmp_path / "code", seed=1, n_train=800, n_eval=16, n_test=16, digits=(3, 4), style="pairs")
   test_rows = measure.read(tmp_path / "code" / "test.jsonl", None)
 
   base = gj.load(ckpt_270m, dtype="float32")
@@ -58,8 +59,8 @@ def test_lora_learns_a_code_the_base_model_cannot_know(ckpt_270m, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "gemma_jax.train", "--ckpt", str(ckpt_270m), "--data", str(tmp_path / "code" / "train.jsonl"),
        "--eval-data", str(tmp_path / "code" / "eval.jsonl"), "--out", str(run), "--method", "lora", "--lora-rank", "8",
-       "--learning-rate", "3e-3", "--warmup", "5", "--steps", "40", "--batch-size", "8", "--seq-len", "16",
-       "--eval-every", "20", "--save-every", "40", "--json"],
+       "--learning-rate", "3e-3", "--warmup", "5", "--steps", "30", "--batch-size", "4", "--seq-len", "32",
+       "--eval-every", "15", "--save-every", "30", "--json"],
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

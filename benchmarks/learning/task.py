@@ -46,8 +46,11 @@ def key(seed: int) -> dict[str, str]:
   return {str(d): str(letters[d]) for d in range(10)}
 
 
-def encode(digits: str, code: dict[str, str]) -> str:
-  return " ".join(code[c] for c in digits)
+def encode(digits: str, code: dict[str, str], style: str = "letters") -> str:
+  """The answer: "letters" ("q x m"), or "pairs", each letter after its digit ("4q 9x 2m"): then the model
+  copies a digit (which the base already does) and maps the token before it, without the alignment of the
+  i-th letter to the i-th digit, so it learns in tens of steps instead of ~100 (the CI test uses it)."""
+  return " ".join((c if style == "pairs" else "") + code[c] for c in digits)
 
 
 def draw_strings(rng: np.random.Generator, count: int, taken: set[str], digits: tuple[int, int]) -> list[str]:
@@ -65,8 +68,8 @@ def draw_strings(rng: np.random.Generator, count: int, taken: set[str], digits: 
   return out
 
 
-def code_example(digits: str, code: dict[str, str]) -> dict:
-  return {"prompt": f"Encode {' '.join(digits)}:", "response": " " + encode(digits, code)}
+def code_example(digits: str, code: dict[str, str], style: str = "letters") -> dict:
+  return {"prompt": f"Encode {' '.join(digits)}:", "response": " " + encode(digits, code, style)}
 
 
 def chat_example(rng: np.random.Generator, digits: str, code: dict[str, str], taken_sums: set[tuple[int, int]]
@@ -86,7 +89,7 @@ def chat_example(rng: np.random.Generator, digits: str, code: dict[str, str], ta
 
 
 def make(seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False,
-         digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict[str, list[dict]]:
+         digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS), style: str = "letters") -> dict[str, list[dict]]:
   """The three splits, {"train": [...], "eval": [...], "test": [...]}, deterministic in the arguments."""
   code = key(seed)
   rng = np.random.default_rng([seed, 1])
@@ -97,18 +100,18 @@ def make(seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False,
   for name, n in (("test", n_test), ("eval", n_eval), ("train", n_train)):
     strings = draw_strings(rng, n, taken, digits)
     splits[name] = ([chat_example(rng, s, code, taken_sums) for s in strings] if chat
-                    else [code_example(s, code) for s in strings])
+                    else [code_example(s, code, style) for s in strings])
   return splits
 
 
 def write(out: pathlib.Path, seed: int, n_train: int, n_eval: int, n_test: int, chat: bool = False,
-          digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict:
+          digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS), style: str = "letters") -> dict:
   out.mkdir(parents=True, exist_ok=True)
-  splits = make(seed, n_train, n_eval, n_test, chat, digits)
+  splits = make(seed, n_train, n_eval, n_test, chat, digits, style)
   for name, rows in splits.items():
     (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   info = {"key": key(seed), "seed": seed, "chat": chat, "sizes": {k: len(v) for k, v in splits.items()},
-          "digits": list(digits)}
+          "digits": list(digits), "style": style}
   (out / "key.json").write_text(json.dumps(info, indent=1) + "\n")
   return info
 
@@ -123,11 +126,13 @@ def main() -> None:
   ap.add_argument("--chat", action="store_true", help="conversations ({messages}) instead of prompt/response")
   ap.add_argument("--digits", default=f"{MIN_DIGITS}-{MAX_DIGITS}",
                   help="digits per message, MIN-MAX (3-4 keeps every code example within 16 tokens)")
+  ap.add_argument("--style", choices=("letters", "pairs"), default="letters",
+                  help="answers as letters ('q x m') or digit-letter pairs ('4q 9x 2m'; see encode)")
   args = ap.parse_args()
   lo, hi = (int(x) for x in args.digits.split("-"))
   if not 1 <= lo <= hi:
     raise SystemExit(f"--digits must be MIN-MAX with 1 <= MIN <= MAX, got {args.digits}")
-  info = write(pathlib.Path(args.out), args.seed, args.train, args.eval, args.test, args.chat, (lo, hi))
+  info = write(pathlib.Path(args.out), args.seed, args.train, args.eval, args.test, args.chat, (lo, hi), args.style)
   first = json.loads((pathlib.Path(args.out) / "train.jsonl").read_text().splitlines()[0])
   print("| file | examples |\n|---|---|")
   for name, n in info["sizes"].items():
