@@ -20,6 +20,6 @@ from .tasks import run_task
 from .tokenizer import Tokenizer
 
 __all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion",
-           "GemmaError", "Layout", "Model", "ModelConfig", "Tokenizer", "convert", "default_checkpoint", "generate_until",
-           "get_preset", "init_cache", "load", "loglikelihood", "make_mesh", "read_docs", "rolling_loglikelihood",
-           "run_task", "text_perplexity"]
+           "GemmaError", "Layout", "Model", "ModelConfig", "Tokenizer", "convert", "default_checkpoint",
+           "generate_until", "get_preset", "init_cache", "load", "loglikelihood", "make_mesh", "read_docs",
+           "rolling_loglikelihood", "run_task", "text_perplexity"]

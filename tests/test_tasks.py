@@ -43,7 +43,8 @@ def test_mmlu_template_and_subject():
   d = docs("mmlu")
   assert d[1].query == "Which number is prime?\nA. 9\nB. 15\nC. 21\nD. 13\nAnswer:"  # question stripped
   assert d[1].choices == ("A", "B", "C", "D") and d[1].gold == 3
-  assert d[0].description == "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+  assert d[0].description == ("The following are multiple choice questions (with answers) about elementary "
+                              "mathematics.\n\n")
   assert d[0].requests("")[1] == (d[0].query, " B")
 
 
