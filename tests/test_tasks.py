@@ -78,6 +78,8 @@ def write(tmp_path, lines: list[str]):
     ("multiple_choice", '{"context": "a", "choices": [], "answer": 0}', "field 'choices' is an empty list"),
     ("multiple_choice", '{"context": "a", "choices": [" b"], "answer": true}', "field 'answer' must be an integer"),
     ("multiple_choice", '{"context": "a", "choices": [" b", 3], "answer": 0}', "must be a list of strings"),
+    ("multiple_choice", '{"context": "a", "choices": [" b", ""], "answer": 0}',
+     "field 'choices' has an empty string at index 1"),
     ("multiple_choice", '{"context": "a", "choices": [" b"], "answer": 0', "not valid JSON"),
     ("multiple_choice", '["a"]', "expected a JSON object, got list"),
     ("hellaswag", '{"activity_label": "x", "ctx_a": "a", "ctx_b": "b", "endings": ["c"], "label": "one"}',
