@@ -1,6 +1,7 @@
 """python -m gemma_jax.eval: a benchmark task or the perplexity of a text, from local files.
 
-  python -m gemma_jax.eval --task hellaswag --data hellaswag_val.jsonl --num-fewshot 10 --fewshot-data hellaswag_train.jsonl
+  python -m gemma_jax.eval --task hellaswag --data hellaswag_val.jsonl --num-fewshot 10 \\
+      --fewshot-data hellaswag_train.jsonl
   python -m gemma_jax.eval --task multiple_choice --data my_questions.jsonl --json
   python -m gemma_jax.eval --task perplexity --data held_out.txt --window 1024 --stride 512
 """
@@ -86,7 +87,9 @@ def main(argv=None) -> int:
     docs = readers.read_docs(args.task, args.data)
     shots = None if args.fewshot_data is None else readers.read_docs(args.task, args.fewshot_data)
   model = load_model(args)
-  bar = tqdm(desc=args.task, unit="req", file=sys.stderr, dynamic_ncols=True)
+  import jax  # noqa: PLC0415
+
+  bar = tqdm(desc=args.task, unit="req", file=sys.stderr, dynamic_ncols=True, disable=jax.process_index() != 0)
 
   def progress(done: int, total: int) -> None:  # requests (windows for perplexity), known once encoded
     if bar.total != total:

@@ -104,6 +104,8 @@ def _strings(obj: dict, key: str) -> list[str]:
     raise GemmaError(f"field {key!r} is an empty list: nothing to choose from")
   if not all(isinstance(x, str) for x in v):
     raise GemmaError(f"field {key!r} must be a list of strings, got {json.dumps(v)[:60]}")
+  if "" in v:
+    raise GemmaError(f"field {key!r} has an empty string at index {v.index('')}: nothing to score")
   return v
 
 

@@ -49,7 +49,8 @@ def test_table_and_perplexity(ckpt_270m, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"context": "a", "choices": [" b"], "answer": 1}', "answer index 1 (field 'answer') is out of range for 1 choices"),
+    ('{"context": "a", "choices": [" b"], "answer": 1}',
+     "answer index 1 (field 'answer') is out of range for 1 choices"),
     ('{"context": "a", "choices": []}', "field 'choices' is an empty list: nothing to choose from"),
     ('{"context": "a", "answer": 0}', "missing field 'choices'"),
     ("not json", "not valid JSON: Expecting value at column 1"),

@@ -43,7 +43,8 @@ def test_mmlu_template_and_subject():
   d = docs("mmlu")
   assert d[1].query == "Which number is prime?\nA. 9\nB. 15\nC. 21\nD. 13\nAnswer:"  # question stripped
   assert d[1].choices == ("A", "B", "C", "D") and d[1].gold == 3
-  assert d[0].description == "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+  assert d[0].description == ("The following are multiple choice questions (with answers) about elementary "
+                              "mathematics.\n\n")
   assert d[0].requests("")[1] == (d[0].query, " B")
 
 
@@ -77,6 +78,8 @@ def write(tmp_path, lines: list[str]):
     ("multiple_choice", '{"context": "a", "choices": [], "answer": 0}', "field 'choices' is an empty list"),
     ("multiple_choice", '{"context": "a", "choices": [" b"], "answer": true}', "field 'answer' must be an integer"),
     ("multiple_choice", '{"context": "a", "choices": [" b", 3], "answer": 0}', "must be a list of strings"),
+    ("multiple_choice", '{"context": "a", "choices": [" b", ""], "answer": 0}',
+     "field 'choices' has an empty string at index 1"),
     ("multiple_choice", '{"context": "a", "choices": [" b"], "answer": 0', "not valid JSON"),
     ("multiple_choice", '["a"]', "expected a JSON object, got list"),
     ("hellaswag", '{"activity_label": "x", "ctx_a": "a", "ctx_b": "b", "endings": ["c"], "label": "one"}',
