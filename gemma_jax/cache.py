@@ -40,8 +40,11 @@ KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
 INT8_MAX = 127  # symmetric: [-127, 127], so -x quantizes to -q (as llama.cpp's q8_0 and vLLM's int8 paths)
 
 
-def check_kv_cache_dtype(name: str | None) -> str | None:
-  """name if it is one of KV_CACHE_DTYPES (None: the model's dtype); a GemmaError naming it otherwise."""
+def check_kv_cache_dtype(name) -> str | None:
+  """name if it is one of KV_CACHE_DTYPES (None: the model's dtype); a GemmaError naming it otherwise.
+
+  Unannotated on purpose: it takes whatever a user passed (a number, a jnp dtype) and names it.
+  """
   if name is not None and name not in KV_CACHE_DTYPES:
     raise GemmaError(f"unknown kv cache dtype {name!r}; known: {', '.join(KV_CACHE_DTYPES)} (default: the "
                      "model's dtype)")

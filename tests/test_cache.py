@@ -168,6 +168,11 @@ def test_an_unknown_kv_cache_dtype_is_named_with_the_known_ones(make):
     make()
 
 
+def test_a_kv_cache_dtype_that_is_not_a_name_is_named_too():
+  with pytest.raises(GemmaError, match=r"unknown kv cache dtype 8; known: float32, bfloat16, int8"):
+    dataclasses.replace(gj.Model.random(TINY_PRESETS["tiny_gemma1_mqa"]), kv_cache_dtype=8)
+
+
 # ---- the real Gemma 3 270M ------------------------------------------------------------------------------
 
 HELDOUT = (DATA / "heldout_en.txt").read_text()  # written for these tests: in no training set
