@@ -196,7 +196,8 @@ def profile(repeats: int = 3) -> str:
     finally:
       qarray.TILE_BYTES = saved
     rows.append(f"| {name} | {ms:.1f} | {temp / 2**20:.1f} |")
-  return "\n".join(["| logits weight (262144 x 640), batch 1 | ms per step | XLA temporary MiB |", "|---|---|---|", *rows])
+  head = ["| logits weight (262144 x 640), batch 1 | ms per step | XLA temporary MiB |", "|---|---|---|"]
+  return "\n".join(head + rows)
 
 
 def _time(fn) -> float:
@@ -211,8 +212,10 @@ def mib(n) -> str:
 
 def table(results: list[dict]) -> str:
   base = next(r for r in results if r["scheme"] == "float32")
-  nll = lambda r, keys: sum(r["quality"][k]["nll_sum"] for k in keys) / sum(r["quality"][k]["tokens"] for k in keys)
   golden = [k for k in base["quality"] if k.startswith("golden")]
+  total = lambda r, keys, field: sum(r["quality"][k][field] for k in keys)
+  nll = lambda r, keys: total(r, keys, "nll_sum") / total(r, keys, "tokens")
+  ratio = lambda r, field: f"{mib(r[field])} ({r[field] / base[field]:.3f})"
   rows = ["| scheme | weights | NLL text | Δ text | NLL golden | Δ golden | top-1 = f32 (text, golden) | "
           "greedy = golden | params device MiB (x f32) | params disk MiB (x f32) | decode b1 tok/s | decode b8 tok/s | "
           "RSS after load MiB | peak RSS decoding MiB |",
@@ -220,16 +223,15 @@ def table(results: list[dict]) -> str:
   for r in results:
     nt, ng = nll(r, ["text"]), nll(r, golden)
     bt, bg = nll(base, ["text"]), nll(base, golden)
-    agree = "-" if r is base else (f"{r['quality']['text']['top1_agree'] / r['quality']['text']['tokens']:.2%}, "
-                                   f"{sum(r['quality'][k]['top1_agree'] for k in golden) / sum(r['quality'][k]['tokens'] for k in golden):.2%}")
-    greedy = []
-    for g in r["greedy"]:
-      greedy.append("=" if g["equal"] else f"step {g['first_diff']} (f32 gap {g.get('float32_gap_there', float('nan')):.2f})")
+    agree = "-" if r is base else (f"{total(r, ['text'], 'top1_agree') / total(r, ['text'], 'tokens'):.2%}, "
+                                   f"{total(r, golden, 'top1_agree') / total(r, golden, 'tokens'):.2%}")
+    greedy = ["=" if g["equal"] else f"step {g['first_diff']} (f32 gap {g.get('float32_gap_there', float('nan')):.2f})"
+              for g in r["greedy"]]
     rows.append(
-        f"| {r['scheme']} | {r['describe']} ({r['dtype']}) | {nt:.4f} | {(nt / bt - 1):+.2%} | {ng:.4f} | {(ng / bg - 1):+.2%} | "
-        f"{agree} | {'; '.join(greedy)} | {mib(r['params_device_bytes'])} ({r['params_device_bytes'] / base['params_device_bytes']:.3f}) | "
-        f"{mib(r['params_disk_bytes'])} ({r['params_disk_bytes'] / base['params_disk_bytes']:.3f}) | "
-        f"{r['decode_b1_tok_s']:.1f} | {r['decode_b8_tok_s']:.1f} | {mib(r['rss_after_load'])} | {mib(r['peak_rss_decode'])} |")
+        f"| {r['scheme']} | {r['describe']} ({r['dtype']}) | {nt:.4f} | {(nt / bt - 1):+.2%} | {ng:.4f} | "
+        f"{(ng / bg - 1):+.2%} | {agree} | {'; '.join(greedy)} | {ratio(r, 'params_device_bytes')} | "
+        f"{ratio(r, 'params_disk_bytes')} | {r['decode_b1_tok_s']:.1f} | {r['decode_b8_tok_s']:.1f} | "
+        f"{mib(r['rss_after_load'])} | {mib(r['peak_rss_decode'])} |")
   return "\n".join(rows)
 
 
@@ -274,8 +276,9 @@ def main() -> None:
     if proc.returncode:
       raise SystemExit(f"{name} failed")
     results.append(json.loads(out.read_text()))
-  print(f"Gemma 3 270M, {len(results)} schemes, CPU ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.2f}; "
-        f"held-out text: pydoc_data 'execmodel', {results[0]['text_tokens']} tokens, sha256 {results[0]['text_sha256'][:16]}")
+  print(f"Gemma 3 270M, {len(results)} schemes, CPU ({os.cpu_count()} cores), load average "
+        f"{os.getloadavg()[0]:.2f}; held-out text: pydoc_data 'execmodel', {results[0]['text_tokens']} tokens, "
+        f"sha256 {results[0]['text_sha256'][:16]}")
   print(table(results))
   (work / "results.json").write_text(json.dumps(results))
 

@@ -153,7 +153,8 @@ def test_a_quantized_model_holds_int_values_and_float_scales():
   assert flat["final_norm/scale"].dtype == jnp.float32
   four = gj.quantize(qmodel(), "int4", block_size=32)
   f4 = flat_params(four.params)
-  assert f4["layer_0/attn/kv_einsum/w"].dtype == jnp.int4 and f4["layer_0/attn/kv_einsum/w_scale"].shape == (2, 2, 2, 32)
+  assert f4["layer_0/attn/kv_einsum/w"].dtype == jnp.int4
+  assert f4["layer_0/attn/kv_einsum/w_scale"].shape == (2, 2, 2, 32)
   assert f4["layer_0/mlp/linear/w_scale"].shape == (3, 64)
   assert param_bytes(four.params) < 0.2 * param_bytes(qmodel().params)
 
@@ -245,8 +246,7 @@ def random_flat(seed: int = 0) -> dict[str, np.ndarray]:
 def test_gguf_blocks_are_kept_exactly(qtype, scheme, tmp_path):
   write_gguf(tmp_path / "m.gguf", QCFG, random_flat(), types={m: qtype for m in MATRICES})
   dense = gj.load(gj.convert(tmp_path / "m.gguf", tmp_path / "dense"))  # dequantized to float32
-  # embedding=scheme: the Q4_0 embedding kept as int4 too (the int4 default requantizes it to int8, measured
-  # better on the 270M), so every block of the file is kept.
+  # The embedding's scheme is int8 unless told (for int4 too): a Q4_0 embedding is kept with embedding="int4".
   kept = gj.load(gj.convert(tmp_path / "m.gguf", tmp_path / "kept", quantize=scheme, embedding=scheme))
   assert (kept.config.quant, kept.config.quant_block, kept.config.quant_embedding) == (scheme, 32, scheme)
   # The blocks, not a requantization: values * scales are the file's weights, to the bit.
