@@ -27,7 +27,7 @@ from gemma_jax import checkpoint, default_model, integrity, lora, optim, plan, q
 from gemma_jax.convert.__main__ import main as convert_main
 from gemma_jax.errors import GemmaError
 from gemma_jax.layers import weight_einsum
-from gemma_jax.quantize import dequantize_params, describe, param_bytes
+from gemma_jax.quantize import dequantize_params, param_bytes
 from gemma_jax.transformer import flat_params
 from gemma_jax.tree import unflatten
 from gguf_writer import write_gguf
