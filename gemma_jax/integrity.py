@@ -153,7 +153,10 @@ def quiet_workers(tag: str) -> Iterator[None]:
   While the save runs, the absl (Orbax's own errors) and asyncio loggers drop every record, and uncaught
   exceptions of threads and unraisable ones are not printed. After a failure, a filter that drops only
   records naming `tag` stays on both: asyncio logs "exception was never retrieved" for each failed write
-  whenever its future is collected, possibly long after.
+  whenever its future is collected, possibly long after. For the same reason a hook that drops only
+  "Event loop is closed" errors stays on: writes still in flight when the save gave up finish later and
+  post their results to the loop Orbax has closed by then (tensorstore reports that as an unraisable
+  exception, printed into the user's terminal after the one clean error; seen on Python 3.13 under load).
   """
   loggers, everything, mentions = [logging.getLogger(n) for n in ("absl", "asyncio")], _DropMentions(""), \
       _DropMentions(tag)
@@ -167,8 +170,26 @@ def quiet_workers(tag: str) -> Iterator[None]:
   except BaseException:
     for logger in loggers:
       logger.addFilter(mentions)
+    hooks = _without_closed_loop_errors(hooks[0]), hooks[1]
     raise
   finally:
     for logger in loggers:
       logger.removeFilter(everything)
     sys.unraisablehook, threading.excepthook = hooks
+
+
+def _closed_loop_error(unraisable) -> bool:
+  return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _without_closed_loop_errors(hook):
+  """`hook`, except that it drops the "Event loop is closed" errors of a failed save's late writes."""
+  if getattr(hook, "drops_closed_loop_errors", False):
+    return hook
+
+  def drop(unraisable):
+    if not _closed_loop_error(unraisable):
+      hook(unraisable)
+
+  drop.drops_closed_loop_errors = True
+  return drop
