@@ -12,6 +12,7 @@ gemma_jax.optim (the loss and the jitted step).
 """
 
 from .cache import init_cache
+from .compile_cache import enable_compilation_cache
 from .configs import ALL_PRESETS, PRESETS, TINY_PRESETS, ModelConfig, get_preset
 from .convert import convert
 from .default_model import default_checkpoint
@@ -29,5 +30,5 @@ from .tokenizer import Tokenizer
 
 __all__ = ["ALL_PRESETS", "GENERATION", "PRESETS", "TINY_PRESETS", "TRAINING", "ChatSession", "Completion",
            "GemmaError", "Layout", "LoraConfig", "Model", "ModelConfig", "Recipe", "Tokenizer", "convert",
-           "default_checkpoint", "generate_until", "get_preset", "init_cache", "load", "loglikelihood", "make_mesh",
+           "default_checkpoint", "enable_compilation_cache", "generate_until", "get_preset", "init_cache", "load", "loglikelihood", "make_mesh",
            "quantize", "read_docs", "rolling_loglikelihood", "run_task", "text_perplexity"]

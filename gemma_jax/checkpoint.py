@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from . import integrity
@@ -38,6 +37,14 @@ from .atomic import atomic_directory
 from .configs import ModelConfig
 from .errors import GemmaError
 from .sharding import Layout
+
+
+def _orbax():
+  """orbax.checkpoint, imported on first use: it costs ~0.3 s, a third of `import jax, flax.nnx`, and
+  `import gemma_jax` should not pay it before a checkpoint is read or written (issue 12, cold start)."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  return ocp
 from .transformer import abstract_model, flat_params, param_shapes, set_flat_params, state_path
 from .tree import flatten, unflatten
 
@@ -131,6 +138,7 @@ def _write_orbax(path: pathlib.Path, params: dict[str, Any], directory: pathlib.
   """
   integrity.check_free_space(path.parent, sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
                                               for x in jax.tree.leaves(params)), directory)
+  ocp = _orbax()
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
   try:
@@ -194,7 +202,7 @@ def stored_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   if not path.is_dir():
     raise GemmaError(f"{directory} has no {PARAMS_DIR}/ directory: not a complete gemma_jax checkpoint")
   try:
-    meta = ocp.StandardCheckpointer().metadata(path)
+    meta = _orbax().StandardCheckpointer().metadata(path)
     if meta is None or meta.item_metadata is None:
       raise ValueError("no readable _METADATA")
     tree = meta.item_metadata.tree
@@ -234,6 +242,7 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
   # is the largest such slice (or MIN_RESTORE_BYTES), so host memory holds one slice in flight at worst.
   # (+1: Orbax refuses a request that is not strictly below its limit.)
   limit = max([MIN_RESTORE_BYTES] + [_slice_read_bytes(flat[p], stored[p]) for p in flat]) + 1
+  ocp = _orbax()
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit / 1e9))
   sums = integrity.read_marker(directory / COMPLETE_FILE) if verify else None
   restored: dict[str, Any] = {}
@@ -248,6 +257,8 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
 
 def _restore(checkpointer, directory: pathlib.Path, targets: dict[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
   """{path: array} of these params; a param Orbax cannot read (missing or truncated files) is named."""
+  ocp = _orbax()
+
   def read(paths):
     target = unflatten({p: targets[p] for p in paths})
     args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),

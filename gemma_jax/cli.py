@@ -95,10 +95,12 @@ def load_model(args: argparse.Namespace):
   import jax  # noqa: PLC0415 (keep --help fast)
 
   from .cache import check_kv_cache_dtype  # noqa: PLC0415
+  from .compile_cache import enable_compilation_cache  # noqa: PLC0415
   from .default_model import default_checkpoint  # noqa: PLC0415
   from .model import load  # noqa: PLC0415
   from .sharding import DEFAULT_MESH, make_mesh  # noqa: PLC0415
 
+  enable_compilation_cache()
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   kv_cache_dtype = check_kv_cache_dtype(args.kv_cache_dtype)  # before the checkpoint is looked for
   spec = args.mesh or (DEFAULT_MESH if jax.process_count() > 1 else None)

@@ -10,6 +10,9 @@ a second conftest.py would shadow this one for `from conftest import DATA`.)
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLIs turn on a persistent compilation cache (compile_cache.py); in-process CLI tests would leave it on
+# for the rest of the worker, writing every test's programs to disk. The tests of the cache turn it back on.
+os.environ.setdefault("GEMMA_JAX_COMPILE_CACHE", "0")
 SHARDED = os.environ.get("GEMMA_JAX_SHARDED") == "1"
 if SHARDED and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   # Before JAX starts (it starts lazily, on first use).

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -143,17 +144,42 @@ def test_default_model_cache_is_reused(ckpt_270m, capsys, monkeypatch, tmp_path)
   assert code == 0 and json.loads(out)["tokens"] == FRANCE["greedy"]
 
 
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+  import jax
+
+  from gemma_jax.compile_cache import enable_compilation_cache
+
+  saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  monkeypatch.setenv("GEMMA_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("GEMMA_JAX_COMPILE_CACHE", "0")
+  assert enable_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
+  monkeypatch.setenv("GEMMA_JAX_COMPILE_CACHE", "")
+  try:
+    assert enable_compilation_cache() == tmp_path / "xla" == pathlib.Path(jax.config.jax_compilation_cache_dir)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # the user's own choice is kept
+    assert enable_compilation_cache() == tmp_path / "mine"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
 @pytest.mark.slow
 def test_readme_command_on_a_fresh_cache(tmp_path):
   """The README's first command, in a subprocess with an empty cache: converts the default model once,
   then reuses it; user errors print one line, never a traceback."""
-  env = {**os.environ, "GEMMA_JAX_CACHE": str(tmp_path)}
+  env = {**os.environ, "GEMMA_JAX_CACHE": str(tmp_path), "GEMMA_JAX_COMPILE_CACHE": ""}
   cmd = [sys.executable, "-m", "gemma_jax.sample", "--prompt", FRANCE["text"], "--max-new-tokens", "32", "--json"]
   first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert first.returncode == 0, first.stderr
   assert json.loads(first.stdout)["tokens"] == FRANCE["greedy"]
   assert (tmp_path / default_model.checkpoint_dir().name / "config.json").is_file()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+  # The second process finds every program in the compilation cache: it compiles (writes) nothing new.
+  compiled = sorted(p.name for p in (tmp_path / "xla").iterdir())
+  assert compiled
+  second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  assert second.returncode == 0 and json.loads(second.stdout)["tokens"] == FRANCE["greedy"], second.stderr
+  assert sorted(p.name for p in (tmp_path / "xla").iterdir()) == compiled
   bad = subprocess.run(cmd[:3] + ["--prompt", "hi", "--max-new-tokens", "-3"], env=env, capture_output=True,
                        text=True, timeout=900)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr

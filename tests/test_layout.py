@@ -124,3 +124,16 @@ def long_modules() -> dict[str, int]:
 def test_no_module_is_over_350_lines():
   assert LONG_MODULES_ALLOWED == set()
   assert long_modules() == {}
+
+
+def test_import_gemma_jax_leaves_the_heavy_readers_unloaded():
+  # `import gemma_jax` should cost about `import jax, flax.nnx` (issue 12, cold start): Orbax (~0.3 s),
+  # tensorstore and gguf load when a checkpoint or a GGUF file is first read or written.
+  import subprocess
+  import sys
+
+  code = ("import sys, gemma_jax; print(' '.join(m for m in ('orbax.checkpoint', 'tensorstore', 'gguf', 'torch') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=PACKAGE.parent)
+  assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
