@@ -3,6 +3,7 @@
   python benchmarks/bench_attention.py                 # the table behind attention.BLOCKWISE_MIN_KEYS
   python benchmarks/bench_attention.py --blocks        # block sizes of the blockwise path at T = S = 4096
   python benchmarks/bench_attention.py --prefill       # 270M prefill temporaries by chunk (compile only)
+  python benchmarks/bench_attention.py --rss CKPT 16384 [--chunk 16384]   # peak RSS of one 270M prefill
 
 Memory is XLA's own figure for the compiled call (memory_analysis: temporaries + outputs, the inputs not
 counted), so it does not depend on the machine's load. Time: best of --repeats runs, the two paths
@@ -108,12 +109,37 @@ def prefill_memory(lengths, chunks):
     print(f"| a later chunk | {c} | 16384 | blockwise | {temp(c, 16384, False):.0f} |", flush=True)
 
 
+def prefill_rss(ckpt: str, n: int, chunk: int | None):
+  """Peak RSS of a process that loads the 270M and prefills one n-token prompt (chunk: tokens per call;
+  None: engine.prefill_chunk's choice), and the time of that prefill (compilation included)."""
+  import resource
+
+  import gemma_jax as gj
+  from gemma_jax import engine
+  model = gj.load(ckpt, dtype="float32")
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  text = model.encode((REPO / "tests" / "data" / "heldout_en.txt").read_text(), add_bos=False)
+  ids = ([2] + text * (n // len(text) + 1))[:n]
+  if chunk is not None:
+    engine.prefill_chunk = lambda cfg, rows: chunk
+  t0 = time.perf_counter()
+  state = model.start([ids], max_new_tokens=8)
+  jax.block_until_ready(state.logits)
+  took = time.perf_counter() - t0
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print(f"| {n} | {chunk or engine.prefill_chunk(model.config, 1)} | {before:.2f} | {peak:.2f} | {took:.0f} |")
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--blocks", action="store_true")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--prefill", action="store_true", help="prefill temporaries of the 270M (compile only)")
+  ap.add_argument("--rss", nargs=2, metavar=("CKPT", "TOKENS"), help="peak RSS of one 270M prefill")
+  ap.add_argument("--chunk", type=int, default=None, help="with --rss: tokens per prefill call")
   a = ap.parse_args()
+  if a.rss:
+    return prefill_rss(a.rss[0], int(a.rss[1]), a.chunk)
   print(f"load average {os.getloadavg()}, jax {jax.__version__}, {jax.devices()[0].platform}")
   if a.prefill:
     prefill_memory((2048, 4096, 16384), (1024, 2048, 4096, 8192))
