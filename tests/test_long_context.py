@@ -8,6 +8,9 @@ do not divide the lengths and are longer than the window, and prompts prefilled 
 tokens: 4 calls, the last one partly padding).
 """
 
+import resource
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ import gemma_jax as gj
 from conftest import DATA
 from gemma_jax import attention, engine
 from gemma_jax.configs import get_preset
+from gemma_jax.sampling import make_sampling
 
 TINY = DATA / "hf_tiny"
 # The default suite runs Gemma 2 (soft-cap, sliding window, GQA) through the blockwise forward; the rest,
@@ -101,6 +105,7 @@ def test_270m_16k_prompt_chunked_equals_one_shot_and_2k_equals_exact(model_270m,
   ids = heldout_ids(model_270m, 16384)
 
   def prefill(prompt, chunk=None, exact=False):
+    t0 = time.perf_counter()
     jax.clear_caches()
     with monkeypatch.context() as m:
       if chunk is not None:
@@ -109,8 +114,11 @@ def test_270m_16k_prompt_chunked_equals_one_shot_and_2k_equals_exact(model_270m,
         m.setattr(attention, "BLOCKWISE_MIN_KEYS", 1 << 30)
       state = model_270m.start([prompt], max_new_tokens=8)
       logits = np.asarray(state.logits)[0]
-      new = model_270m.generate_ids([prompt], max_new_tokens=8, stop_ids=[])[0]
+      new = model_270m.run(state, 8, make_sampling(1, temperature=0.0), stop_ids=[])[0][0]
     jax.clear_caches()
+    # The process's peak RSS so far (the report of issue 12 quotes it; pytest -s shows it).
+    print(f"{len(prompt)} tokens, chunk {chunk}, exact {exact}: peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB, {time.perf_counter() - t0:.0f} s")
     return logits, new
 
   chunked, chunked_new = prefill(ids)
