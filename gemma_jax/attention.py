@@ -7,38 +7,27 @@ sliding-window mask -> softmax in float32 -> weighted values.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import attend
+from .attend import MASK_VALUE, attention_mask  # noqa: F401  (re-exported: their home was here)
 from .cache import LayerCache, Stored
 from .configs import LOCAL, ModelConfig
 from .layers import Einsum, RMSNorm
 from .rope import apply_rope
-from .shapes import Array, Bool, Float, Hidden, Int, Positions
+from .shapes import Array, Float, Hidden, Int, Positions
 
-# Large negative finite value for masked logits, as the official implementation (K_MASK): finite so a
-# fully masked row (a padding query) gives a uniform softmax instead of NaN.
-MASK_VALUE = -2.3819763e38
-
-
-def attention_mask(q_pos: Positions, k_pos: Int[Array, "B S"], window: int | None,
-                   segments: Int[Array, "B T"] | None = None) -> Bool[Array, "B T S"]:
-  """(B, T) query and (B, S) key positions -> (B, T, S) bool: key visible to query.
-
-  A key is visible when its slot is filled (k_pos >= 0), it is not in the future, and on sliding-window
-  layers q_pos - k_pos < window. segments (training with packed rows, no cache; then S == T): a key is
-  visible only within its own example, since positions restart per example and would let a later example
-  see an earlier one's keys at lower positions.
-  """
-  q = q_pos[:, :, None]
-  k = k_pos[:, None, :]
-  visible = (k >= 0) & (k <= q)
-  if window is not None:
-    visible &= q - k < window
-  if segments is not None:
-    visible &= segments[:, :, None] == segments[:, None, :]
-  return visible
+# From this many keys (cache part + chunk) on, a call with more than one query takes the blockwise path
+# (attend.blockwise); below it, and for one query (a decode step: its scores are only (B, 1, N, S)), the
+# exact one. Measured on the 270M's shapes (K=1, G=4, H=256, float32, 2 busy CPU cores;
+# benchmarks/results/2026-12-05_attention.md): a first prefill of 512 tokens takes 77 ms exact vs 108 ms
+# blockwise, of 1024 tokens 396 vs 340 ms, of 2048 1717 vs 797 ms and 138 vs 26 MiB; of 8192, 2.1 GB vs 74 MiB.
+BLOCKWISE_MIN_KEYS = 1024
+# Block sizes of the blockwise path (same file): at T = S = 4096, 512 x 512 took 1.87 s, against 2.15 s
+# for 256 x 256, 2.22 s for 1024 x 1024 and 2.13-2.90 s for unequal pairs; its scores are 4 MiB a block.
+BLOCK_Q = 512
+BLOCK_K = 512
 
 
 class Attention(nnx.Module):
@@ -78,8 +67,9 @@ class Attention(nnx.Module):
     """x (B, T, D) at positions (B, T) (-1 = padding) -> (B, T, D) and the cache with this chunk added.
 
     Queries attend to the cache as it was before this call plus the chunk itself (read as the cache
-    stores it: quantized for an int8 cache), then the chunk is written. Attending to both parts (one softmax over their concatenated logits) keeps a ring buffer
-    exact even when the chunk is longer than the window, and never copies the cache. fresh=True
+    stores it: quantized for an int8 cache), then the chunk is written. Attending to both parts (one
+    softmax over both: attend.py) keeps a ring buffer exact even when the chunk is longer than the window,
+    and never copies the cache. Calls with many keys take the blockwise path (BLOCKWISE_MIN_KEYS). fresh=True
     (static) promises the cache is empty, so its slots are not read at all (a first prefill).
     segments (B, T): example ids of packed training rows (attention_mask); only without a cache.
     """
@@ -101,27 +91,11 @@ class Attention(nnx.Module):
     parts = [(chunk, positions, segments)]
     if cache is not None and not fresh:
       parts.insert(0, (cache.stored, cache.pos, None))
-    logits = []
-    for kv, k_pos, k_seg in parts:
-      # int8 keys: the dot product runs on the integers (exact in bf16/f32) and each (row, slot, kv head)
-      # scale multiplies its logit afterwards: q . (k8 * s) = (q . k8) * s, without a dequantized copy.
-      keys = kv.k if kv.k_scale is None else kv.k.astype(qg.dtype)
-      l = jnp.einsum("BTKGH,BSKH->BTKGS", qg, keys, preferred_element_type=jnp.float32)
-      if kv.k_scale is not None:
-        l = l * jnp.swapaxes(kv.k_scale, 1, 2)[:, None, :, None, :]
-      if self.softcap is not None:
-        l = jnp.tanh(l / self.softcap) * self.softcap
-      mask = attention_mask(positions, k_pos, self.window, k_seg)[:, :, None, None, :]
-      logits.append(jnp.where(mask, l, MASK_VALUE))
-    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    out, start = 0.0, 0
-    for kv, _, _ in parts:
-      s = kv.k.shape[1]
-      p, values = probs[..., start:start + s], kv.v
-      if kv.v_scale is not None:  # likewise: sum_s p_s * (v8_s * s_s) = sum_s (p_s * s_s) * v8_s
-        p, values = p * jnp.swapaxes(kv.v_scale, 1, 2)[:, None, :, None, :], values.astype(v.dtype)
-      out = out + jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(v.dtype), values)
-      start += s
+    keys = sum(kv.k.shape[1] for kv, _, _ in parts)
+    if t > 1 and keys >= BLOCKWISE_MIN_KEYS:
+      out = attend.blockwise(qg, parts, positions, segments, self.window, self.softcap, v.dtype, BLOCK_Q, BLOCK_K)
+    else:
+      out = attend.exact(qg, parts, positions, segments, self.window, self.softcap, v.dtype)
     out = out.reshape(b, t, n, h).astype(x.dtype)
     new_cache = None if cache is None else cache.write_stored(chunk, positions)
     return self.attn_vec_einsum("BTNH,NHD->BTD", out), new_cache

@@ -7,7 +7,8 @@ lengths against the context and the cache.
 
 Shapes are bucketed so each compiled program serves many calls: prompts are padded to a power of two
 (at least MIN_BUCKET), caches to the bucket of prompt + new tokens, and a run's output buffer (the
-Decoder's capacity) to the bucket of its steps. With a layout, a batch is padded with idle rows to a
+Decoder's capacity) to the bucket of its steps. A prompt longer than prefill_chunk(...) tokens is fed in
+chunks of that many (each chunk attends to the cache plus itself, so the result is one-shot prefill's). With a layout, a batch is padded with idle rows to a
 multiple of the `data` axis; those rows draw nothing and are never returned.
 """
 
@@ -29,6 +30,27 @@ from .errors import GemmaError
 from .sampling import Sampling
 
 MIN_BUCKET = 32
+# Activation bytes one prefill call may hold (prefill_chunk). 384 MiB is 0.3 x the 270M's float32 params
+# plus a 16K-token cache (1.07 GB + 0.1 GB), the headroom issue 12 allows a prefill above params + cache.
+PREFILL_BUDGET_BYTES = 384 << 20
+# XLA's temporaries per token of a 270M float32 prefill chunk against prefill_chunk's count of the widest
+# activations (4 * (3F + 4D + 2(N + K)H) = 55 KB): 92-171 KB between chunks of 1024 and 8192 tokens
+# (benchmarks/bench_attention.py --prefill; results/2026-12-05_attention.md), so 2.5x.
+XLA_TEMP_FACTOR = 2.5
+
+
+def prefill_chunk(cfg: ModelConfig, rows: int) -> int:
+  """Tokens per row one prefill call takes: the largest power of two (>= MIN_BUCKET) whose activations
+  fit PREFILL_BUDGET_BYTES (270M: 2048 in float32, 4096 in bfloat16, at one row).
+
+  Per token a block holds, at its widest, the MLP's [gate, up] (2F) and gelu(gate) * up (F), the residual
+  and normed inputs (~4D) and q, k, v, the attention output ((2N + 2K) H), times XLA_TEMP_FACTOR (what XLA
+  keeps besides); attention's own scores stay within one block of queries x keys (attention.py).
+  """
+  item = jnp.dtype(cfg.dtype).itemsize
+  per_token = item * (3 * cfg.hidden_dim + 4 * cfg.embed_dim + 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim)
+  fit = int(PREFILL_BUDGET_BYTES / (rows * per_token * XLA_TEMP_FACTOR))
+  return max(MIN_BUCKET, 1 << max(fit.bit_length() - 1, 0))
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -130,16 +152,41 @@ def start(eng: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     raise GemmaError(f"the cache holds {cache_len} tokens but prompt ({longest}) + max_new_tokens "
                      f"({max_new_tokens}) needs {total}; raise cache_len or pass cache_policy='rolling' "
                      "(global layers then forget the oldest tokens)")
-  t_pad = bucket(longest) if rolling else min(bucket(longest), cache_len)
   b = eng.padded(len(prompts))
   idle = b - len(prompts)  # padding rows: no tokens (positions -1), done from the start
-  tokens, positions = pad_rows(list(prompts) + [[]] * idle, [0] * b, t_pad)
+  rows = list(prompts) + [[]] * idle
+  # A rolling cache shorter than the prompt would forget prompt tokens between chunks that one call keeps
+  # (its chunk attends to the whole prompt), so such a prompt is prefilled in one call, as before.
+  chunked = not rolling or longest <= cache_len
   with memory_guard(f"prefilling {len(prompts)} prompts of up to {longest} tokens into a cache of {cache_len}"):
     cache = init_cache(cfg, b, cache_len, eng.kv_dtype, rolling=rolling, place=eng.place)
-    logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
-                                        cache, fresh=True)
+    width = bucket(longest) if rolling else min(bucket(longest), cache_len)
+    logits, cache = prefill(eng, rows, [0] * b, cache, width, chunked, fresh=True)
   return DecodeState(logits=logits, pos=eng.put(np.array([len(r) for r in prompts] + [0] * idle, np.int32)),
                      done=eng.put(np.arange(b) >= len(prompts)), step=eng.put(np.int32(0)), cache=cache)
+
+
+def prefill(eng: Engine, rows: Sequence[Sequence[int]], starts: Sequence[int] | np.ndarray, cache, width: int,
+            chunked: bool = True, fresh: bool = False, logits: jax.Array | None = None):
+  """Feeds id rows (one per cache row) at positions starts[r] onward into the cache: (logits (B, V) at each
+  row's last id, the cache).
+
+  width: the padded length of one call. chunked: calls of at most prefill_chunk(...) tokens, each
+  attending to the cache (what earlier chunks wrote) plus itself -- equal to one call, in the memory of
+  one chunk. A row with no ids in a chunk keeps its logits from the earlier chunk (or from `logits`, the
+  state's, when a row gets no ids at all). fresh: the cache is empty (the first call skips reading it).
+  """
+  longest = max(map(len, rows))
+  if chunked:
+    width = min(width, prefill_chunk(eng.config, len(rows)))
+  for i in range(0, max(longest, 1), width):
+    piece = [list(r[i:i + width]) for r in rows]
+    tokens, positions = pad_rows(piece, np.asarray(starts) + i, width)
+    new, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")), cache,
+                                     fresh=fresh and i == 0)
+    fed = np.array([len(p) > 0 for p in piece])
+    logits = new if logits is None or fed.all() else jnp.where(eng.put(fed, ("B",))[:, None], new, logits)
+  return logits, cache
 
 
 def feed(eng: Engine, state: DecodeState, rows: Sequence[Sequence[int]]) -> DecodeState:
@@ -158,10 +205,12 @@ def feed(eng: Engine, state: DecodeState, rows: Sequence[Sequence[int]]) -> Deco
   if fixed and end > min(fixed):
     raise GemmaError(f"the cache holds {min(fixed)} positions but feeding these ids reaches {end}; resize it "
                      "(cache.resize_cache) or use a rolling cache")
-  tokens, positions = pad_rows(rows, np.asarray(state.pos), bucket(int(lengths.max())))
+  rolling = not fixed
   with memory_guard(f"feeding {int(lengths.max())} tokens to {b} rows"):
-    logits, cache = eng.decoder.prefill(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")),
-                                        state.cache)
+    # As in start: a rolling cache is fed in one call unless the whole text fits it.
+    chunked = not rolling or end <= max(c.num_slots for c in state.cache)
+    logits, cache = prefill(eng, rows, np.asarray(state.pos), state.cache, bucket(int(lengths.max())), chunked,
+                            logits=state.logits)
   return state.replace(logits=logits, pos=eng.put(np.asarray(state.pos) + lengths), done=eng.put(lengths == 0),
                        cache=cache)
 
