@@ -3,7 +3,7 @@
   DIR/config.json      {"format": "gemma_jax", "version": 5, "config": {...ModelConfig...}, "source": ...}
   DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections:
                        layer_0/attn/q_einsum/w (D, N, H); quantized: int8/int4 values there and a
-                       float32 layer_0/attn/q_einsum/w_scale beside them, quantize.py)
+                       layer_0/attn/q_einsum/w_scale beside them, and for int4 a w_offset, quantize.py)
   DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
   DIR/COMPLETE.json    written last: every param's shape, dtype and checksums
 

@@ -171,7 +171,8 @@ class Embedder(nnx.Module):
     x = jnp.take(table, tokens, axis=0)
     if self.input_embedding_scale is not None:
       scale = self.input_embedding_scale[...]
-      offset = None if self.input_embedding_offset is None else jnp.take(self.input_embedding_offset[...], tokens, axis=0)
+      offset = self.input_embedding_offset
+      offset = None if offset is None else jnp.take(offset[...], tokens, axis=0)
       dtype = jnp.float32 if scale.dtype == OFFSET_SCALE_DTYPE else scale.dtype
       x = dequantize(x, jnp.take(scale, tokens, axis=0), -1, dtype, offset)
     return x * jnp.sqrt(jnp.float32(table.shape[1])).astype(x.dtype)

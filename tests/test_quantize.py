@@ -363,7 +363,8 @@ def test_sample_and_score_read_a_quantized_checkpoint_unchanged(tmp_path, capsys
     (["--quantize", "int4", "--block-size", "64"],
      "cannot quantize {src} with int4 in blocks of 64: block size 64 does not divide the contracting dimension "
      "hidden_dim F = 96"),
-    (["--quantize", "int8", "--embedding", "int2"], "--embedding must be one of int8, int4, int4-sym, float, got 'int2'"),
+    (["--quantize", "int8", "--embedding", "int2"],
+     "--embedding must be one of int8, int4, int4-sym, float, got 'int2'"),
     (["--block-size", "32"], "a block size or an embedding scheme is given but no quantization scheme (--quantize)"),
 ])
 def test_bad_quantize_flags_are_one_line_errors(argv, message, tmp_path, capsys):
