@@ -44,12 +44,13 @@ SCHEMES = {
     "int8-emb-float": ("float32", dict(quantize="int8", embedding=None)),
     "int8-bf16": ("bfloat16", dict(quantize="int8", embedding="int8")),
     "int4": ("float32", dict(quantize="int4", embedding="int8")),
+    "int4-sym": ("float32", dict(quantize="int4-sym", embedding="int8")),
     "int4-emb-int4": ("float32", dict(quantize="int4", embedding="int4")),
     "int4-emb-float": ("float32", dict(quantize="int4", embedding=None)),
     "int4-b64": ("float32", dict(quantize="int4", block_size=64, embedding="int8")),
     "int4-b128": ("float32", dict(quantize="int4", block_size=128, embedding="int8")),
 }
-DEFAULT_SCHEMES = "float32,bfloat16,int8,int8-emb-float,int4,int4-emb-int4,int4-b128"
+DEFAULT_SCHEMES = "float32,bfloat16,int8,int8-emb-float,int4,int4-sym,int4-emb-int4,int4-b128"
 
 
 def held_out_text(min_tokens: int, tokenizer) -> tuple[str, list[int]]:
@@ -176,7 +177,7 @@ def profile(repeats: int = 3) -> str:
   from gemma_jax.layers import weight_einsum  # noqa: PLC0415
 
   w = jnp.asarray(np.random.default_rng(0).standard_normal((262144, 640), np.float32) * 0.02)
-  q, s = qarray.quantize(w, -1, "int8", None)
+  q, s, _ = qarray.quantize(w, -1, "int8", None)
   cases = (("float32", (w,), jnp.float32, None), ("bfloat16", (w.astype(jnp.bfloat16),), jnp.bfloat16, None),
            ("int8, whole", (q, s), jnp.float32, 1 << 40), ("int8, tiled", (q, s), jnp.float32, qarray.TILE_BYTES))
   rows = []
@@ -243,6 +244,8 @@ def main() -> None:
   p.add_argument("--new-tokens", type=int, default=32)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--profile", action="store_true", help="only the dequantization profile (see profile())")
+  p.add_argument("--reuse", action="store_true",
+                 help="take a scheme's figures from an earlier run's WORK/SCHEME.json where there is one")
   p.add_argument("--worker"), p.add_argument("--dtype"), p.add_argument("--worker-ckpt"), p.add_argument("--out")
   args = p.parse_args()
   if args.worker:
@@ -262,13 +265,17 @@ def main() -> None:
   results = []
   for name in names:
     dtype, kw = SCHEMES[name]
+    out = work / f"{name}.json"
+    if args.reuse and out.is_file():
+      print(f"reusing {out}", file=sys.stderr, flush=True)
+      results.append(json.loads(out.read_text()))
+      continue
     ckpt = base
     if kw is not None:
       ckpt = work / "_".join(f"{k}-{v}" for k, v in sorted(kw.items()))
       if not (ckpt / "COMPLETE.json").is_file():
         print(f"converting {ckpt.name}", file=sys.stderr, flush=True)
         gj.convert(base, ckpt, overwrite=True, **kw)
-    out = work / f"{name}.json"
     print(f"running {name}", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--dtype", dtype, "--worker-ckpt", str(ckpt),
                            "--out", str(out), "--work", str(work), "--new-tokens", str(args.new_tokens),

@@ -1,9 +1,9 @@
 """Our checkpoint format: one directory with Orbax params, the config, the tokenizer and a completion marker.
 
-  DIR/config.json      {"format": "gemma_jax", "version": 4, "config": {...ModelConfig...}, "source": ...}
+  DIR/config.json      {"format": "gemma_jax", "version": 5, "config": {...ModelConfig...}, "source": ...}
   DIR/params/          Orbax checkpoint of the nested param dict (official names, D-major projections:
                        layer_0/attn/q_einsum/w (D, N, H); quantized: int8/int4 values there and a
-                       float32 layer_0/attn/q_einsum/w_scale beside them, quantize.py)
+                       layer_0/attn/q_einsum/w_scale beside them, and for int4 a w_offset, quantize.py)
   DIR/tokenizer.model  sentencepiece model (absent for checkpoints imported without one)
   DIR/COMPLETE.json    written last: every param's shape, dtype and checksums
 
@@ -49,12 +49,14 @@ from .transformer import abstract_model, flat_params, param_shapes, set_flat_par
 from .tree import flatten, unflatten
 
 FORMAT = "gemma_jax"
+# 5: int4 is asymmetric (values, a float16 `_scale` and `_offset` beside each; qarray.py); format 4's
+# symmetric int4 is read as the scheme "int4-sym", which it is;
 # 4: quantized params (int8/int4 values and a float32 `_scale` beside each; config.json's quant fields);
 # 3: atomic writes with COMPLETE.json (checksums); 2: D-major projection layouts (q (D, N, H),
 # kv (D, K, 2, H), gating (F, 2, D)); 1 had the official ones. Version 4 reads version 3 unchanged (a
 # config without quant fields is a float model), so both are read.
-VERSION = 4
-READABLE = (3, 4)
+VERSION = 5
+READABLE = (3, 4, 5)
 CONFIG_FILE = "config.json"
 COMPLETE_FILE = "COMPLETE.json"
 PARAMS_DIR = "params"
@@ -186,7 +188,10 @@ def incomplete(directory: str | os.PathLike) -> str:
 def config_from_meta(meta: dict[str, Any], directory: str | os.PathLike) -> ModelConfig:
   """The ModelConfig in a checkpoint's config.json (read_meta's result)."""
   try:
-    return ModelConfig.from_dict(meta["config"])
+    fields = dict(meta["config"])
+    if meta.get("version") == 4:  # format 4's int4 was symmetric (see VERSION)
+      fields.update({k: "int4-sym" for k in ("quant", "quant_embedding") if fields.get(k) == "int4"})
+    return ModelConfig.from_dict(fields)
   except (KeyError, TypeError, ValueError) as e:
     raise GemmaError(f"{pathlib.Path(directory) / CONFIG_FILE}: invalid model config: {e}") from None
 
@@ -230,14 +235,15 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, layout: Layou
   check_params(config, {k: tuple(v.shape) for k, v in stored.items()}, str(directory),
                {p: tuple(x.shape) for p, x in abstract.items()})
   check_dtypes(config, {k: v.dtype for k, v in stored.items()}, str(directory))
-  dtype = jnp.dtype(config.dtype)  # of every float param; quantized values are restored as stored
   if layout is not None:
     shardings = layout.param_shardings(state)  # keyed by module-tree paths
   else:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {state_path(path): default for path in abstract}
-  flat = {path: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                                     sharding=shardings[state_path(path)]) for path, x in abstract.items()}
+  # The abstract model's dtypes: config.dtype for float params and symmetric scales, the values' int
+  # types, and float16 for int4's scales and offsets (qarray.py); Orbax casts what is stored to them.
+  flat = {path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[state_path(path)])
+          for path, x in abstract.items()}
   # Orbax reserves, for each slice it reads, the bytes of the stored chunks that slice touches; the limit
   # is the largest such slice (or MIN_RESTORE_BYTES), so host memory holds one slice in flight at worst.
   # (+1: Orbax refuses a request that is not strictly below its limit.)

@@ -33,8 +33,9 @@ from .configs import DTYPES
 from .errors import GemmaError
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-# Quantized values (quantize.py) are restored as they are stored, so they get one checksum, of their dtype.
-INT_DTYPES = ("int8", "int4")
+# Quantized values and int4's float16 scales and offsets (quantize.py) are restored as they are stored, so
+# they get one checksum, of their dtype.
+KEPT_DTYPES = ("int8", "int4", "float16")
 
 
 def sum32(x: np.ndarray) -> int:
@@ -55,7 +56,7 @@ def array_sum32(x: jax.Array) -> int:
 
 def _renderings(x) -> dict[str, int]:
   x = np.asarray(x)  # a view of a CPU jax array, no copy
-  if str(x.dtype) in INT_DTYPES:
+  if str(x.dtype) in KEPT_DTYPES:
     return {str(x.dtype): sum32(x)}
   # copy=False: a float32 param is summed in place (the 270M's embedding would otherwise be copied whole).
   f32 = sum32(x.astype(np.float32, copy=False))
@@ -96,7 +97,7 @@ def verify(restored: dict[str, jax.Array], sums: dict[str, dict[str, Any]], dire
   for path, x in restored.items():
     dtype = str(np.dtype(x.dtype))
     want = sums.get(path, {}).get("sum32", {}).get(dtype)
-    if dtype not in (*DTYPES, *INT_DTYPES) or want is None:
+    if dtype not in (*DTYPES, *KEPT_DTYPES) or want is None:
       raise GemmaError(f"{directory} is damaged: COMPLETE.json has no {dtype} checksum for parameter {path}; "
                        "convert again")
     if array_sum32(x) != want:

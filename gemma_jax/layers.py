@@ -6,7 +6,8 @@ which sharding rules map to mesh axes.
 
 Quantized weights are a kind of weight here, not a new layer: a quantized Einsum holds int8 or int4
 values in `w` and a float `w_scale` (the embedding: `input_embedding` and `input_embedding_scale`), and
-its matmul dequantizes them in the compute dtype inside the jitted function (qarray.py).
+for the asymmetric int4 scheme a float `w_offset` (`input_embedding_offset`); its matmul dequantizes them
+in the compute dtype inside the jitted function (qarray.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .qarray import ASYMMETRIC, OFFSET_SCALE_DTYPE, QWeight, dequantize, matmul, scale_axes, scale_shape
 from .qarray import DTYPES as QDTYPES
-from .qarray import QWeight, dequantize, matmul, scale_axes, scale_shape
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
 
@@ -71,19 +72,25 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array | QWeight, preferred
 
 
 def quantized_params(shape: tuple[int, ...], axes: tuple[str, ...], contract: int, quant: str, block: int | None,
-                     dtype) -> tuple[nnx.Param, nnx.Param]:
-  """Zero values of the quant type and unit scales (importers and quantize.py fill them in)."""
-  s_shape = scale_shape(shape, contract, block)
-  return (nnx.Param(jnp.zeros(shape, QDTYPES[quant]), axes=axes),
-          nnx.Param(jnp.ones(s_shape, dtype), axes=scale_axes(axes, contract)))
+                     dtype) -> tuple[nnx.Param, nnx.Param, nnx.Param | None]:
+  """Zero values of the quant type, unit scales and (asymmetric schemes) zero offsets, which importers and
+  quantize.py fill in. Scales are in `dtype`, an asymmetric scheme's scale and offset in float16 (qarray.py)."""
+  s_shape, s_axes = scale_shape(shape, contract, block), scale_axes(axes, contract)
+  if quant in ASYMMETRIC:
+    return (nnx.Param(jnp.zeros(shape, QDTYPES[quant]), axes=axes),
+            nnx.Param(jnp.ones(s_shape, OFFSET_SCALE_DTYPE), axes=s_axes),
+            nnx.Param(jnp.zeros(s_shape, OFFSET_SCALE_DTYPE), axes=s_axes))
+  return (nnx.Param(jnp.zeros(shape, QDTYPES[quant]), axes=axes), nnx.Param(jnp.ones(s_shape, dtype), axes=s_axes),
+          None)
 
 
 class Einsum(nnx.Module):
   """A weight `w` of `shape` contracted with the input by `equation` (e.g. "BTD,DNH->BTNH").
 
   contract: the weight dims every equation contracts, n > 0 for the first n, n < 0 for the last -n.
-  quant: None, or "int8" / "int4": `w` holds values of that type and `w_scale` a float scale per block
-    of `block` contracted entries (None: per output channel); see qarray.py.
+  quant: None, or a scheme of qarray.py: `w` holds values of its type and `w_scale` a float scale per
+    block of `block` contracted entries (None: per output channel), and `w_offset` an offset per block for
+    an asymmetric scheme (else None).
   adapter: None, or a module whose `adapter(equation, x)` is added to the output -- a LoRA adapter
   (lora.py attaches them; this module does not know their kind, so imports still point downwards). None
   has no params, so a plain model's state and checkpoint names are unchanged.
@@ -96,15 +103,18 @@ class Einsum(nnx.Module):
     self.contract = contract
     if quant is None:
       self.w = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=axes)
-      self.w_scale = None
+      self.w_scale = self.w_offset = None
     else:
-      self.w, self.w_scale = quantized_params(shape, axes, contract, quant, block, dtype)
+      self.w, self.w_scale, self.w_offset = quantized_params(shape, axes, contract, quant, block, dtype)
     # nnx.data: the attribute may later hold a module (params); NNX refuses that for a static attribute.
     self.adapter = nnx.data(None)
 
   def weight(self) -> jax.Array | QWeight:
-    """`w`, or the QWeight of `w` and `w_scale`: what weight_einsum takes."""
-    return self.w[...] if self.w_scale is None else QWeight(self.w[...], self.w_scale[...], self.contract)
+    """`w`, or the QWeight of `w`, `w_scale` (and `w_offset`): what weight_einsum takes."""
+    if self.w_scale is None:
+      return self.w[...]
+    offset = None if self.w_offset is None else self.w_offset[...]
+    return QWeight(self.w[...], self.w_scale[...], self.contract, offset)
 
   def __call__(self, equation: str, x: jax.Array) -> jax.Array:
     y = weight_einsum(equation, x, self.weight())
@@ -135,8 +145,9 @@ class RMSNorm(nnx.Module):
 class Embedder(nnx.Module):
   """Token embedding (V, D), shared with the output logits (tied).
 
-  quant: None, or "int8" / "int4": `input_embedding` holds values and `input_embedding_scale` a float
-  scale per row (block None) or per block of `block` entries of D, the axis the logits contract.
+  quant: None, or a scheme of qarray.py: `input_embedding` holds values and `input_embedding_scale` a float
+  scale per row (block None) or per block of `block` entries of D, the axis the logits contract, and
+  `input_embedding_offset` an offset per block for an asymmetric scheme (else None).
   """
 
   def __init__(self, vocab_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs, quant: str | None = None,
@@ -144,26 +155,32 @@ class Embedder(nnx.Module):
     shape = (vocab_size, embed_dim)
     if quant is None:
       self.input_embedding = nnx.Param(_INIT(rngs.params(), shape, dtype), axes=("V", "D"))
-      self.input_embedding_scale = None
+      self.input_embedding_scale = self.input_embedding_offset = None
     else:
-      self.input_embedding, self.input_embedding_scale = quantized_params(shape, ("V", "D"), -1, quant, block, dtype)
+      self.input_embedding, self.input_embedding_scale, self.input_embedding_offset = quantized_params(
+          shape, ("V", "D"), -1, quant, block, dtype)
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """(B, T) ids -> (B, T, D), scaled by sqrt(D) cast to the activation dtype first.
 
     In bf16 sqrt(3072) rounds to 55.5; the official model was trained with that value (litgpt#1031).
-    A quantized table's rows are dequantized after the lookup, in the scale's dtype.
+    A quantized table's rows are dequantized after the lookup, in the scale's dtype (float16 scales:
+    in float32).
     """
     table = self.input_embedding[...]
     x = jnp.take(table, tokens, axis=0)
     if self.input_embedding_scale is not None:
       scale = self.input_embedding_scale[...]
-      x = dequantize(x, jnp.take(scale, tokens, axis=0), -1, scale.dtype)
+      offset = self.input_embedding_offset
+      offset = None if offset is None else jnp.take(offset[...], tokens, axis=0)
+      dtype = jnp.float32 if scale.dtype == OFFSET_SCALE_DTYPE else scale.dtype
+      x = dequantize(x, jnp.take(scale, tokens, axis=0), -1, dtype, offset)
     return x * jnp.sqrt(jnp.float32(table.shape[1])).astype(x.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, V) float32 logits."""
     table = self.input_embedding[...]
     if self.input_embedding_scale is not None:
-      table = QWeight(table, self.input_embedding_scale[...], -1)
+      offset = None if self.input_embedding_offset is None else self.input_embedding_offset[...]
+      table = QWeight(table, self.input_embedding_scale[...], -1, offset)
     return weight_einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)

@@ -5,9 +5,10 @@
   python -m gemma_jax.convert SRC DST --quantize int4    # the same, written as a checkpoint
 
 A quantized weight keeps its official name for its values (`layer_0/attn/q_einsum/w`, int8 or int4) and
-gets a float32 scale beside it (`layer_0/attn/q_einsum/w_scale`, `embedder/input_embedding_scale`); the
-ModelConfig's quant, quant_block and quant_embedding fields say the scheme (configs/model_config.py), so
-the config alone still gives every param's shape and dtype. The math is qarray.py's. Norms stay float.
+gets a scale beside it (`layer_0/attn/q_einsum/w_scale`, `embedder/input_embedding_scale`), and for the
+asymmetric int4 scheme an offset (`w_offset`, `input_embedding_offset`); the ModelConfig's quant,
+quant_block and quant_embedding fields say the scheme (configs/model_config.py), so the config alone still
+gives every param's shape and dtype. The math is qarray.py's. Norms stay float.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from .transformer import Transformer, abstract_model, flat_params, official_path
 
 # The embedding's default, chosen by measurement on Gemma 3 270M (benchmarks/results/2026-12-05_quantize.md):
 # it holds 63% of the params, so kept float it leaves an int8 model at 0.72x of float32's bytes (for +0.23%
-# mean NLL instead of +0.28%); as int4 it reaches 0.156x but costs +30.7% NLL instead of int8's +22.9%.
-EMBEDDING_DEFAULT = {"int8": "int8", "int4": "int8"}
+# mean NLL instead of +0.28%); as int4 it reaches 0.156x but costs +8.88% NLL instead of +6.75% (int4 projections).
+EMBEDDING_DEFAULT = {"int8": "int8", "int4": "int8", "int4-sym": "int8"}
 SCALE_SUFFIX = "_scale"
+OFFSET_SUFFIX = "_offset"  # asymmetric schemes (qarray.ASYMMETRIC)
 KEEP = "keep"  # embedding=KEEP: as the scheme's default, see EMBEDDING_DEFAULT
 
 
@@ -54,7 +56,7 @@ def check_scheme(scheme: str, block_size: int | None = None, embedding: str | No
   if embedding not in (None, *QUANT_SCHEMES):
     raise GemmaError(f"unknown embedding quantization {embedding!r}; known: {', '.join(QUANT_SCHEMES)} or None "
                      "(kept in the compute dtype)")
-  if block_size is None and "int4" in (scheme, embedding):
+  if block_size is None and any(str(k).startswith("int4") for k in (scheme, embedding)):
     block_size = QUANT_BLOCKS[0]
   if block_size is not None and (isinstance(block_size, bool) or block_size not in QUANT_BLOCKS):
     raise GemmaError(f"block size {block_size!r} is not supported; choose one of "
@@ -66,8 +68,9 @@ def scheme_config(config: ModelConfig, scheme: str, block_size: int | None = Non
                   *, where: str = "the model") -> ModelConfig:
   """config with the quant fields of a scheme, every problem a GemmaError naming it.
 
-  scheme: "int8" or "int4". block_size: 32, 64 or 128 (default: int4 32, int8 one scale per output
-  channel). embedding: "int8", "int4" or None (kept float); default EMBEDDING_DEFAULT[scheme].
+  scheme: "int8", "int4" (asymmetric) or "int4-sym" (qarray.py). block_size: 32, 64 or 128 (default:
+  int4 32, int8 one scale per output channel). embedding: a scheme or None (kept float); default
+  EMBEDDING_DEFAULT[scheme].
   """
   if config.quantized:
     raise GemmaError(f"{where} is already quantized ({describe(config)}); quantize the float checkpoint it "
@@ -98,14 +101,22 @@ def quantized_weights(config: ModelConfig) -> dict[str, int]:
   return out
 
 
+def scheme_of(config: ModelConfig, name: str) -> str:
+  """The scheme of a quantized weight of `config` (official name of its values)."""
+  return config.quant_embedding if name.startswith("embedder/") else config.quant
+
+
 def expected_dtypes(config: ModelConfig) -> dict[str, str]:
-  """{official name: stored dtype} of every param a checkpoint of `config` holds: int8 or int4 values,
-  float32 scales and floats (the float ones may be stored as float32 or bfloat16: "float")."""
+  """{official name: stored dtype} of every param a checkpoint of `config` holds: the values' scheme
+  (int8 or int4), "float16" for an asymmetric scheme's scale and offset, and "float" for the rest (float
+  weights and symmetric scales may be stored as float32 or bfloat16)."""
   weights = quantized_weights(config)
   out = {p: "float" for p in flat_params(abstract_model(config)[1])}
   for name in weights:
-    scheme = config.quant_embedding if name.startswith("embedder/") else config.quant
-    out[name], out[name + SCALE_SUFFIX] = scheme, "float"
+    scheme = scheme_of(config, name)
+    out[name] = scheme
+    if scheme in qarray.ASYMMETRIC:
+      out[name + SCALE_SUFFIX] = out[name + OFFSET_SUFFIX] = str(qarray.OFFSET_SCALE_DTYPE)
   return out
 
 
@@ -114,7 +125,8 @@ def check_dtypes(config: ModelConfig, stored: dict[str, Any], where: str) -> Non
   weight where int8 values belong, int values as a scale): Orbax would cast it silently."""
   for name, want in expected_dtypes(config).items():
     got = jnp.dtype(stored[name]) if name in stored else None
-    if got is not None and (jnp.issubdtype(got, jnp.floating) if want == "float" else got == qarray.DTYPES[want]):
+    if got is not None and (jnp.issubdtype(got, jnp.floating) if want == "float" else
+                            got == (qarray.DTYPES[want] if want in qarray.DTYPES else jnp.dtype(want))):
       continue
     if got is not None:
       raise GemmaError(f"{where}: parameter {name} is stored as {got}, but the config ({describe(config)}) "
@@ -128,22 +140,35 @@ def quantize_params(config: ModelConfig, flat: dict[str, Any], scheme: str, bloc
 
   One weight at a time, each float array replaced as soon as its values and scale exist (a dict that
   moves arrays to the device as they are stored, convert.common.DeviceParams, then holds one copy).
-  block_scales: {name: (scheme, scale)} of weights the source holds quantized (GGUF's Q8_0 and Q4_0
-  blocks, convert/gguf.py): where the scheme and the scale's shape match, the values are round(w / scale),
-  exact for a weight that is values times that scale, and the scale is kept.
+  block_scales: {name: (scheme, scale, offset or None)} of weights the source holds quantized (GGUF's
+  Q8_0 "int8", Q4_0 "int4-sym", Q4_1 "int4" blocks, convert/gguf.py): where the scheme fits (Q4_0 also
+  fits int4, with offset -8 * scale) and the scale's shape matches, the values are round((w - offset) /
+  scale), exact for a weight that is values times that scale plus offset, and the scale is kept.
   """
   qconfig = scheme_config(config, scheme, block_size, embedding, where=where)
   for name, contract in quantized_weights(qconfig).items():
-    kind = qconfig.quant_embedding if name.startswith("embedder/") else qconfig.quant
+    kind = scheme_of(qconfig, name)
     w = flat[name]
-    given_kind, given = (block_scales or {}).get(name, (None, None))
-    if given_kind == kind and np.shape(given) == qarray.scale_shape(np.shape(w), contract, qconfig.quant_block):
-      values, scale = qarray.from_scale(w, given, contract, kind), jnp.asarray(given, jnp.float32)
+    given_kind, given, offset = (block_scales or {}).get(name, (None, None, None))
+    fits = given_kind == kind or (kind in qarray.ASYMMETRIC and given_kind in ("int4-sym", "int4"))
+    if fits and np.shape(given) == qarray.scale_shape(np.shape(w), contract, qconfig.quant_block):
+      if kind in qarray.ASYMMETRIC:
+        given = np.asarray(given).astype(qarray.OFFSET_SCALE_DTYPE)  # float16 in the file: exact
+        offset = given * np.float16(-qarray.OFFSET_LEVELS) if offset is None else np.asarray(offset).astype(
+            qarray.OFFSET_SCALE_DTYPE)
+      values = qarray.from_scale(w, given, contract, kind, offset)
+      scale = jnp.asarray(given) if kind in qarray.ASYMMETRIC else jnp.asarray(given, jnp.float32)
+      offset = None if offset is None else jnp.asarray(offset)
     else:
-      values, scale = qarray.quantize(w, contract, kind, qconfig.quant_block)
+      values, scale, offset = qarray.quantize(w, contract, kind, qconfig.quant_block)
+      if offset is not None and not bool(jnp.isfinite(scale).all() & jnp.isfinite(offset).all()):
+        raise GemmaError(f"cannot quantize {where}'s {name} to {kind}: a block's range exceeds float16's "
+                         "(65504 per step), where its scale and offset are stored")
     del w
     flat[name] = values
     flat[name + SCALE_SUFFIX] = scale
+    if offset is not None:
+      flat[name + OFFSET_SUFFIX] = offset
   return qconfig
 
 
@@ -151,7 +176,8 @@ def dequantize_params(config: ModelConfig, flat: dict[str, Any], dtype=jnp.float
   """The inverse, in place: every quantized weight replaced by values * scale in `dtype` (LoRA merges a
   QLoRA run's adapters into these). Returns the float config."""
   for name, contract in quantized_weights(config).items():
-    flat[name] = qarray.dequantize(flat[name], flat.pop(name + SCALE_SUFFIX), contract, dtype)
+    flat[name] = qarray.dequantize(flat[name], flat.pop(name + SCALE_SUFFIX), contract, dtype,
+                                   flat.pop(name + OFFSET_SUFFIX, None))
   return float_config(config)
 
 
@@ -159,18 +185,20 @@ def quantize(model, scheme: str = "int8", block_size: int | None = None, embeddi
   """A quantized copy of a Model (gj.quantize): same tokenizer and mesh; the original is left as it was.
 
   Args:
-    scheme: "int8" (symmetric, one scale per output channel unless block_size says otherwise) or
-      "int4" (blocks of block_size along each contracting axis, default 32).
+    scheme: "int8" (symmetric, one scale per output channel unless block_size says otherwise),
+      "int4" (asymmetric: a float16 scale and offset per block of block_size along each contracting
+      axis, default 32) or "int4-sym" (symmetric, a scale per block: checkpoint format 4's int4).
     block_size: 32, 64 or 128 entries of the contracting axis per scale.
     embedding: "int8" (a scale per row), "int4" or None (kept in the compute dtype); default
       EMBEDDING_DEFAULT[scheme].
-  Scales are kept in the model's runtime dtype (float32, or bfloat16 for a bfloat16 model).
+  Symmetric scales are kept in the model's runtime dtype (float32, or bfloat16 for a bfloat16 model),
+  int4's scales and offsets in float16.
   """
   flat = {k: jnp.asarray(v) for k, v in flat_params(model.params).items()}
   qconfig = quantize_params(model.config, flat, scheme, block_size, embedding)
-  dtype = jnp.dtype(model.config.dtype)
   graphdef, state = abstract_model(qconfig)
-  set_flat_params(state, {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in flat.items()})
+  want = {k: x.dtype for k, x in flat_params(state).items()}  # the dtypes the quantized model holds
+  set_flat_params(state, {k: v.astype(want[k]) for k, v in flat.items()})
   # dataclasses.replace, not Model(...): model.py imports checkpoint.py, which imports this module.
   out = dataclasses.replace(model, config=qconfig, graphdef=graphdef, params=state, layout=None)
   return out if model.layout is None else out.shard(model.layout.mesh, model.layout.rules)

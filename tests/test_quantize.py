@@ -70,27 +70,68 @@ def blocks_of(w: np.ndarray, contract: int, block: int | None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scheme, block, steps", [("int8", None, 254), ("int8", 32, 254), ("int4", 32, 14),
-                                                  ("int4", 64, 14), ("int4", 128, 14)])
+                                                  ("int4", 64, 14), ("int4", 128, 14), ("int4-sym", 32, 14)])
 @pytest.mark.parametrize("shape, contract", SHAPES)
 def test_round_trip_error_is_within_half_a_step(shape, contract, scheme, block, steps):
   rng = np.random.default_rng(0)
   w = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 3.0, shape[-1]).astype(np.float32)
   w.reshape(-1)[::97] *= 20  # outliers: each block's absmax sets its own step
-  q, s = qarray.quantize(jnp.asarray(w), contract, scheme, block)
-  assert q.dtype == qarray.DTYPES[scheme] and q.shape == w.shape and s.dtype == jnp.float32
-  assert s.shape == qarray.scale_shape(shape, contract, block)
-  qmax = 127 if scheme == "int8" else 7
-  assert int(np.abs(np.asarray(q, np.int32)).max()) == qmax
-  back = np.asarray(qarray.dequantize(q, s, contract))
+  w.reshape(-1)[::5] = np.abs(w.reshape(-1)[::5])  # skewed blocks, where an offset helps
+  q, s, m = qarray.quantize(jnp.asarray(w), contract, scheme, block)
+  asym = scheme == "int4"
+  assert q.dtype == qarray.DTYPES[scheme] and q.shape == w.shape
+  assert s.dtype == (jnp.float16 if asym else jnp.float32) and s.shape == qarray.scale_shape(shape, contract, block)
+  assert (m is not None) == asym and (not asym or (m.dtype == jnp.float16 and m.shape == s.shape))
+  qi = np.asarray(q, np.int32)
+  if asym:  # all 16 levels in use, and (q + 8) * s + m read independently
+    assert qi.min() == -8 and qi.max() == 7
+    n = np.asarray(s).shape[0 if contract > 0 else -1]  # blocks; as (blocks, 1, outputs), like blocks_of
+    per = lambda a: (np.asarray(a, np.float32).reshape(n, -1) if contract > 0 else
+                     np.asarray(a, np.float32).reshape(-1, n).T)[:, None, :]
+    want = (blocks_of(qi.astype(np.float32), contract, block) + 8) * per(s) + per(m)
+    back = np.asarray(qarray.dequantize(q, s, contract, offset=m))
+    np.testing.assert_array_equal(blocks_of(back, contract, block), want)
+  else:
+    assert int(np.abs(qi).max()) == (127 if scheme == "int8" else 7)
+    back = np.asarray(qarray.dequantize(q, s, contract))
   err = blocks_of(np.abs(back - w), contract, block)
   absmax = blocks_of(np.abs(w), contract, block).max(axis=1, keepdims=True)
   assert np.all(err <= absmax / steps * (1 + 1e-6))
   assert np.abs(back - w).max() > 0  # not trivially exact
 
 
-def test_an_all_zero_block_quantizes_to_zeros():
-  q, s = qarray.quantize(jnp.zeros((64, 3)), 1, "int4", 32)
-  assert not np.any(np.asarray(s)) and np.all(np.asarray(qarray.dequantize(q, s, 1)) == 0)
+def minmax_int4(w: np.ndarray, contract: int, block: int) -> np.ndarray:
+  """An independent numpy min..max int4 round trip (float16 step and offset): the search's starting point."""
+  wb = blocks_of(w, contract, block).astype(np.float32)
+  lo, hi = wb.min(axis=1, keepdims=True), wb.max(axis=1, keepdims=True)
+  s = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+  m = lo.astype(np.float16).astype(np.float32)
+  return np.clip(np.round((wb - m) / np.where(s == 0, 1, s)), 0, 15) * s + m
+
+
+@pytest.mark.parametrize("shape, contract", SHAPES)
+def test_int4_search_beats_min_max_and_symmetric(shape, contract):
+  """Per block, the searched grid's squared error is at most min..max's, and in total well below the
+  symmetric absmax/7 grid's (int4-sym), on heavy-tailed weights like a model's."""
+  w = np.random.default_rng(1).standard_t(4, shape).astype(np.float32)
+  q, s, m = qarray.quantize(jnp.asarray(w), contract, "int4", 32)
+  sse = (blocks_of(np.asarray(qarray.dequantize(q, s, contract, offset=m)) - w, contract, 32) ** 2).sum(axis=1)
+  plain = ((minmax_int4(w, contract, 32) - blocks_of(w, contract, 32)) ** 2).sum(axis=1)
+  assert np.all(sse <= plain * (1 + 1e-6)) and sse.sum() < 0.9 * plain.sum()
+  qs, ss, _ = qarray.quantize(jnp.asarray(w), contract, "int4-sym", 32)
+  assert sse.sum() < 0.5 * ((np.asarray(qarray.dequantize(qs, ss, contract)) - w) ** 2).sum()
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int4-sym", "int8"])
+def test_an_all_zero_block_quantizes_to_zeros(scheme):
+  q, s, m = qarray.quantize(jnp.zeros((64, 3)), 1, scheme, 32)
+  assert not np.any(np.asarray(s)) and np.all(np.asarray(qarray.dequantize(q, s, 1, offset=m)) == 0)
+
+
+def test_a_constant_block_is_exact():
+  w = jnp.full((64, 3), -0.37, jnp.float32)
+  q, s, m = qarray.quantize(w, 1, "int4", 32)
+  assert np.all(np.asarray(qarray.dequantize(q, s, 1, offset=m)) == np.float32(np.float16(-0.37)))
 
 
 # ---- the quantized matmul -----------------------------------------------------------------------------
@@ -110,10 +151,10 @@ def test_quantized_einsum_equals_the_dequantized_einsum(equation, xs, ws, contra
     monkeypatch.setattr(qarray, "TILE_BYTES", 4 * int(np.prod(ws)) // 2)
   kx, kw = jax.random.split(jax.random.key(0))
   x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
-  q, s = qarray.quantize(w, contract, "int8" if block is None else "int4", block)
-  qw = qarray.QWeight(q, s, contract)
+  q, s, m = qarray.quantize(w, contract, "int8" if block is None else "int4", block)
+  qw = qarray.QWeight(q, s, contract, m)
   assert bool(qarray._tile(q, contract, s.shape[0 if contract > 0 else -1], 4)) == tiled
-  deq = np.asarray(qarray.dequantize(q, s, contract), np.float64)
+  deq = np.asarray(qarray.dequantize(q, s, contract, offset=m), np.float64)
   want = np.einsum(equation.lower(), np.asarray(x, np.float64), deq)
   got = jax.jit(lambda x: weight_einsum(equation, x, qw))(x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -128,7 +169,7 @@ def test_quantized_einsum_equals_the_dequantized_einsum(equation, xs, ws, contra
 def test_a_large_weight_is_never_dequantized_whole_on_cpu():
   """The decode loop's working memory holds tiles of a quantized weight, not its float copy (XLA:CPU
   materialises a whole dequantized weight otherwise, qarray._product)."""
-  q, s = qarray.quantize(jax.random.normal(jax.random.key(0), (8192, 512)), -1, "int8", None)
+  q, s, _ = qarray.quantize(jax.random.normal(jax.random.key(0), (8192, 512)), -1, "int8", None)
 
   def loop(x, q, s):  # the weight an argument, as params are to the decode loop (never a constant to fold)
     w = qarray.QWeight(q, s, -1)
@@ -154,18 +195,22 @@ def test_a_quantized_model_holds_int_values_and_float_scales():
   four = gj.quantize(qmodel(), "int4", block_size=32)
   f4 = flat_params(four.params)
   assert f4["layer_0/attn/kv_einsum/w"].dtype == jnp.int4
-  assert f4["layer_0/attn/kv_einsum/w_scale"].shape == (2, 2, 2, 32)
-  assert f4["layer_0/mlp/linear/w_scale"].shape == (3, 64)
+  assert f4["layer_0/attn/kv_einsum/w_scale"].shape == f4["layer_0/attn/kv_einsum/w_offset"].shape == (2, 2, 2, 32)
+  assert f4["layer_0/mlp/linear/w_scale"].shape == f4["layer_0/mlp/linear/w_offset"].shape == (3, 64)
+  assert f4["layer_0/mlp/linear/w_scale"].dtype == f4["layer_0/mlp/linear/w_offset"].dtype == jnp.float16
   assert param_bytes(four.params) < 0.2 * param_bytes(qmodel().params)
+  sym = flat_params(gj.quantize(qmodel(), "int4-sym").params)  # format 4's int4: no offsets
+  assert not any(k.endswith("_offset") for k in sym) and sym["layer_0/mlp/linear/w_scale"].dtype == jnp.float32
 
 
 def test_quantized_logits_follow_the_float_model():
-  """On random weights (7 layers, no trained structure): int8 within a few percent of the float logits, and
-  int4's error about 16 times int8's (a step of absmax/7 instead of absmax/127)."""
+  """On random weights (7 layers, no trained structure): int8 within a few percent of the float logits,
+  int4's error many times int8's (16 levels instead of 255), and the asymmetric int4 closer than int4-sym."""
   model = qmodel()
   want = model.logits(IDS)
-  err = {s: np.abs(gj.quantize(model, s, embedding=s).logits(IDS) - want).max() for s in ("int8", "int4")}
+  err = {s: np.abs(gj.quantize(model, s, embedding=s).logits(IDS) - want).max() for s in ("int8", "int4", "int4-sym")}
   assert err["int8"] < 0.05 * np.abs(want).max() and err["int4"] > 5 * err["int8"], err
+  assert err["int4"] < err["int4-sym"], err
   no_embedding = np.abs(gj.quantize(model, "int8", embedding=None).logits(IDS) - want).max()
   assert 0 < no_embedding < err["int8"]
 
@@ -184,11 +229,14 @@ def test_save_and_restore_give_identical_logits(scheme, kw, tmp_path):
   converted = gj.load(gj.convert(tmp_path / "f", tmp_path / "c", quantize=scheme, **kw))
   np.testing.assert_array_equal(converted.logits(IDS), small.logits(IDS))
   meta = json.loads((tmp_path / "c" / "config.json").read_text())
-  assert meta["version"] == 4 and meta["config"]["quant"] == scheme
-  # bfloat16: values as stored, floats (scales included) in bfloat16.
+  assert meta["version"] == 5 and meta["config"]["quant"] == scheme
+  # bfloat16: values as stored, floats (symmetric scales included) in bfloat16, int4's scales and offsets
+  # in float16 as stored.
   half = gj.load(tmp_path / "q", dtype="bfloat16")
   dtypes = {k: str(v.dtype) for k, v in flat_params(half.params).items()}
-  assert dtypes["layer_0/attn/q_einsum/w"] == scheme and dtypes["layer_0/attn/q_einsum/w_scale"] == "bfloat16"
+  assert dtypes["layer_0/attn/q_einsum/w"] == qarray.DTYPES[scheme]
+  assert dtypes["layer_0/attn/q_einsum/w_scale"] == ("float16" if scheme == "int4" else "bfloat16")
+  assert dtypes.get("layer_0/attn/q_einsum/w_offset") == ("float16" if scheme == "int4" else None)
   assert np.abs(half.logits(IDS) - small.logits(IDS)).max() < 0.05
 
 
@@ -204,6 +252,19 @@ def test_a_version_3_checkpoint_still_loads(tmp_path):
   np.testing.assert_array_equal(gj.load(tmp_path / "v3").logits(IDS), model.logits(IDS))
 
 
+def test_a_version_4_int4_checkpoint_loads_as_int4_sym(tmp_path):
+  """Format 4's int4 was symmetric (a float32 scale per block, no offset): read as "int4-sym", unchanged."""
+  small = gj.quantize(qmodel(), "int4-sym")
+  save_model(tmp_path / "v4", small)
+  meta = json.loads((tmp_path / "v4" / "config.json").read_text())
+  meta["version"] = 4
+  meta["config"].update(quant="int4", quant_embedding="int8")
+  (tmp_path / "v4" / "config.json").write_text(json.dumps(meta))
+  loaded = gj.load(tmp_path / "v4")
+  assert (loaded.config.quant, loaded.config.quant_embedding) == ("int4-sym", "int8")
+  np.testing.assert_array_equal(loaded.logits(IDS), small.logits(IDS))
+
+
 def test_the_default_models_version_3_cache_is_reused(monkeypatch, tmp_path):
   monkeypatch.setenv("GEMMA_JAX_CACHE", str(tmp_path))
   save_model(default_model.checkpoint_dir(3), qmodel())
@@ -211,10 +272,11 @@ def test_the_default_models_version_3_cache_is_reused(monkeypatch, tmp_path):
   assert default_model.default_checkpoint() == default_model.checkpoint_dir(3)
 
 
-def test_checksums_cover_int_values():
-  q = jnp.asarray(np.arange(-8, 8, dtype=np.int8).reshape(4, 4).astype(jnp.int4))
+@pytest.mark.parametrize("dtype", [jnp.int4, jnp.float16])
+def test_checksums_cover_int_values_and_float16_scales(dtype):
+  q = jnp.asarray(np.arange(-8, 8, dtype=np.int8).reshape(4, 4).astype(dtype))
   sums = integrity.record({"w": q})
-  assert set(sums["w"]["sum32"]) == {"int4"}
+  assert set(sums["w"]["sum32"]) == {jnp.dtype(dtype).name}
   integrity.verify({"w": q}, sums, pathlib.Path("ckpt"))
   with pytest.raises(GemmaError, match="parameter w does not match its checksum"):
     integrity.verify({"w": q.at[0, 0].set(3)}, sums, pathlib.Path("ckpt"))
@@ -226,7 +288,9 @@ def test_memory_plan_counts_quantized_bytes():
   full, eight = rows(cfg), rows(cfg.replace(quant="int8", quant_embedding="int8"))
   four = rows(cfg.replace(quant="int4", quant_embedding="int4", quant_block=32))
   assert 0.25 < eight["params"] / full["params"] < 0.26
-  assert 0.15 < four["params"] / full["params"] < 0.16  # 4 bits and a float32 scale per 32 weights
+  assert 0.15 < four["params"] / full["params"] < 0.16  # 4 bits and a float16 scale and offset per 32 weights
+  sym = rows(cfg.replace(quant="int4-sym", quant_embedding="int4-sym", quant_block=32))
+  assert 0.15 < sym["params"] / full["params"] < 0.16  # 4 bits and a float32 scale per 32 weights
 
 
 # ---- GGUF: Q8_0 and Q4_0 blocks kept ------------------------------------------------------------------
@@ -242,7 +306,8 @@ def random_flat(seed: int = 0) -> dict[str, np.ndarray]:
   return {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in flat.items()}
 
 
-@pytest.mark.parametrize("qtype, scheme", [(T.Q8_0, "int8"), (T.Q4_0, "int4")])
+@pytest.mark.parametrize("qtype, scheme", [(T.Q8_0, "int8"), (T.Q4_0, "int4"), (T.Q4_0, "int4-sym"),
+                                           (T.Q4_1, "int4")])
 def test_gguf_blocks_are_kept_exactly(qtype, scheme, tmp_path):
   write_gguf(tmp_path / "m.gguf", QCFG, random_flat(), types={m: qtype for m in MATRICES})
   dense = gj.load(gj.convert(tmp_path / "m.gguf", tmp_path / "dense"))  # dequantized to float32
@@ -293,12 +358,13 @@ def test_sample_and_score_read_a_quantized_checkpoint_unchanged(tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quantize", "int3"], "unknown quantization scheme 'int3'; known: int8, int4"),
+    (["--quantize", "int3"], "unknown quantization scheme 'int3'; known: int8, int4, int4-sym"),
     (["--quantize", "int4", "--block-size", "48"], "block size 48 is not supported; choose one of 32, 64, 128"),
     (["--quantize", "int4", "--block-size", "64"],
      "cannot quantize {src} with int4 in blocks of 64: block size 64 does not divide the contracting dimension "
      "hidden_dim F = 96"),
-    (["--quantize", "int8", "--embedding", "int2"], "--embedding must be one of int8, int4, float, got 'int2'"),
+    (["--quantize", "int8", "--embedding", "int2"],
+     "--embedding must be one of int8, int4, int4-sym, float, got 'int2'"),
     (["--block-size", "32"], "a block size or an embedding scheme is given but no quantization scheme (--quantize)"),
 ])
 def test_bad_quantize_flags_are_one_line_errors(argv, message, tmp_path, capsys):
@@ -337,11 +403,19 @@ def test_a_scale_of_the_wrong_shape_is_named(tmp_path):
 
 def test_values_of_the_wrong_type_are_named(tmp_path):
   ckpt = save_model(tmp_path / "q", gj.quantize(qmodel(), "int8", block_size=32))
-  edit_config(ckpt, quant="int4")  # the same shapes, int8 stored where int4 is expected
-  with pytest.raises(GemmaError, match=r"parameter embedder/input_embedding is stored as int8, but the config "
-                                       r"\(int4 \(blocks of 32\), embedding int8 \(blocks of 32\)\) makes it int4|"
-                                       r"parameter layer_0/\S+/w is stored as int8, but the config"):
+  edit_config(ckpt, quant="int4-sym")  # the same shapes, int8 stored where int4 is expected
+  with pytest.raises(GemmaError, match=r"parameter layer_0/\S+/w is stored as int8, but the config "
+                                       r"\(int4-sym \(blocks of 32\), embedding int8 \(blocks of 32\)\) makes it "
+                                       r"int4"):
     gj.load(ckpt)
+  # int4's scales and offsets are float16: a float32 one would be cast (rounded) silently.
+  flat = {k: np.asarray(v) for k, v in flat_params(gj.quantize(qmodel(), "int4").params).items()}
+  flat["layer_0/mlp/linear/w_offset"] = flat["layer_0/mlp/linear/w_offset"].astype(np.float32)
+  cfg = QCFG.replace(quant="int4", quant_block=32, quant_embedding="int8")
+  with pytest.raises(GemmaError, match=r"parameter layer_0/mlp/linear/w_offset is stored as float32, but the "
+                                       r"config \(int4 \(blocks of 32\), embedding int8 \(blocks of 32\)\) makes "
+                                       r"it float16"):
+    checkpoint.save(tmp_path / "f32", cfg, unflatten(flat), tokenizer_proto=tiny_proto(), source="test")
   with pytest.raises(GemmaError, match="unknown quantization scheme 'int2'"):
     gj.quantize(qmodel(), "int2")
 

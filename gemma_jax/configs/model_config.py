@@ -14,7 +14,9 @@ from typing import Any
 LOCAL = "local"
 GLOBAL = "global"
 DTYPES = ("float32", "bfloat16")
-QUANT_SCHEMES = ("int8", "int4")  # weight-only quantization (qarray.py): values and a float scale per block
+# Weight-only quantization (qarray.py): int8 and int4-sym symmetric (values and a scale per block), int4
+# asymmetric (values, a scale and an offset per block); int4-sym is checkpoint format 4's int4.
+QUANT_SCHEMES = ("int8", "int4", "int4-sym")
 QUANT_BLOCKS = (32, 64, 128)  # along the contracting axis; None: one scale per output channel (int8 only)
 
 
@@ -45,11 +47,11 @@ class ModelConfig:
     max_seq_len: context length the model was trained for (an upper bound for cache lengths).
     dtype: runtime dtype of params and activations, "float32" or "bfloat16". Norm statistics,
       softmax, RoPE angles and logits are always float32.
-    quant: None, or "int8" / "int4": every projection weight is stored as values of that type and float
-      scales (qarray.py, quantize.py), and computes dequantized in `dtype`.
+    quant: None, or "int8" / "int4" / "int4-sym": every projection weight is stored as values of that type
+      and float scales (int4: and offsets) (qarray.py, quantize.py), and computes dequantized in `dtype`.
     quant_block: the block of each scale along the contracting axis (32, 64 or 128), or None for one
       scale per output channel (int8 only). One block size for every quantized weight, embedding included.
-    quant_embedding: None (the embedding in `dtype`), or "int8" / "int4" (a scale per vocabulary row, or
+    quant_embedding: None (the embedding in `dtype`), or one of QUANT_SCHEMES (a scale per vocabulary row, or
       per block of it). Independent of `quant`: the embedding is also the tied output layer.
   """
 
@@ -130,7 +132,7 @@ class ModelConfig:
     block = self.quant_block
     if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block not in QUANT_BLOCKS):
       problems.append(f"quant_block must be None or one of {QUANT_BLOCKS}, got {block!r}")
-    elif block is None and "int4" in (self.quant, self.quant_embedding):
+    elif block is None and any(str(q).startswith("int4") for q in (self.quant, self.quant_embedding)):
       problems.append("int4 needs a block size (quant_block 32, 64 or 128): a scale per output channel of 4-bit "
                       "values loses too much")
     elif block is not None:

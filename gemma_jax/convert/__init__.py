@@ -79,7 +79,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | Non
   imported = import_any(src, preset=preset, progress=progress, block_scales=quantize is not None)
   config = imported.config
   if quantize is not None:
-    if block_size is None and any(kind == quantize for kind, _ in imported.block_scales.values()):
+    if block_size is None and any(kind == quantize for kind, *_ in imported.block_scales.values()):
       block_size = 32  # GGUF's block: the file's Q8_0 / Q4_0 blocks are kept exactly
     config = quantize_params(config, imported.params, quantize, block_size, embedding,
                              block_scales=imported.block_scales, where=str(src))

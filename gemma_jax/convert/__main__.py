@@ -10,7 +10,7 @@ import argparse
 
 from ..cli import main_wrapper, run
 
-EMBEDDING_CHOICES = {"int8": "int8", "int4": "int4", "float": None}
+EMBEDDING_CHOICES = {"int8": "int8", "int4": "int4", "int4-sym": "int4-sym", "float": None}
 
 
 @main_wrapper
@@ -24,12 +24,13 @@ def main(argv=None) -> int:
   p.add_argument("--overwrite", action="store_true",
                  help="replace dst if it exists (an incomplete checkpoint left by an interrupted write too); "
                       "the old one is removed only once the new one is complete")
-  p.add_argument("--quantize", metavar="int8|int4",
-                 help="store the weights quantized: int8 (a scale per output channel) or int4 (a scale per block "
-                      "of the contracting axis); a GGUF file's Q8_0 / Q4_0 blocks are kept as they are")
+  p.add_argument("--quantize", metavar="int8|int4|int4-sym",
+                 help="store the weights quantized: int8 (a scale per output channel), int4 (a float16 scale and "
+                      "offset per block of the contracting axis) or int4-sym (a scale per block, no offset); a GGUF "
+                      "file's Q8_0 / Q4_0 / Q4_1 blocks are kept as they are")
   p.add_argument("--block-size", type=int, metavar="N",
                  help="entries of the contracting axis per scale: 32 (int4's default, and GGUF's), 64 or 128")
-  p.add_argument("--embedding", metavar="int8|int4|float",
+  p.add_argument("--embedding", metavar="int8|int4|int4-sym|float",
                  help="the embedding's scheme (default: the --quantize scheme's, see the README)")
   args = p.parse_args(argv)
   from . import KEEP, convert  # noqa: PLC0415 (keep --help fast)

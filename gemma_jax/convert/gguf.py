@@ -8,9 +8,11 @@ memory-mapped file, so only one full copy of the weights is ever held.
 
 Q8_0 and Q4_0 tensors are int8 / int4 values with one float16 scale per 32 consecutive weights along a
 row (GGUF's innermost dim), which is the input dim of every matrix: after our transposes, the contracting
-axis of each weight (the embedding's D included). block_scales=True also returns those scales in our
-layouts (Imported.block_scales), so that `convert --quantize int8|int4` keeps the blocks exactly as they
-are (values = the dequantized weight / its scale, exact). A weight built from tensors of two types (k and
+axis of each weight (the embedding's D included); Q4_1 adds a float16 offset (min) per block, w = q * d + m
+with q in 0..15. block_scales=True also returns those scales (and offsets) in our layouts
+(Imported.block_scales), so that `convert --quantize int8|int4|int4-sym` keeps the blocks exactly as they
+are (values = (the dequantized weight - its offset) / its scale, exact): Q8_0 as int8, Q4_0 as int4 or
+int4-sym, Q4_1 as int4 (qarray.py). A weight built from tensors of two types (k and
 v, gate and up) has no one kind and is requantized, as is every other type (Q4_K, Q5_0, Q6_K, ...).
 """
 
@@ -163,17 +165,19 @@ def dequantize(tensor, where: str) -> np.ndarray:
   return out.reshape(shape)
 
 
-# GGUF types kept as blocks by `convert --quantize`: the scheme they are, and their bytes per block of 32.
-KEPT_TYPES = {T.Q8_0: ("int8", 34), T.Q4_0: ("int4", 18)}
+# GGUF types kept as blocks by `convert --quantize`: the scheme they are, and their bytes per block of 32
+# (ggml-common.h: block_q8_0 {d; qs[32]}, block_q4_0 {d; qs[16]}, block_q4_1 {d; m; qs[16]}, d and m float16).
+KEPT_TYPES = {T.Q8_0: ("int8", 34), T.Q4_0: ("int4-sym", 18), T.Q4_1: ("int4", 20)}
 BLOCK = 32
-_KINDS = {"int8": 8, "int4": 4}  # kind codes of the kind pass (int8 arrays)
+_KINDS = {"int8": 8, "int4-sym": 4, "int4": 5}  # kind codes of the kind pass (int8 arrays)
 
 
-def expanded_scales(tensor) -> np.ndarray:
-  """A Q8_0 / Q4_0 tensor's float16 block scales, each repeated over its 32 weights: numpy shape."""
+def expanded_scales(tensor, field: int = 0) -> np.ndarray:
+  """A Q8_0 / Q4_0 / Q4_1 tensor's float16 block scales d (field 0; Q4_1's offsets m: field 1), each
+  repeated over its 32 weights: numpy shape."""
   shape = tuple(int(x) for x in reversed(tensor.shape))
   raw = np.asarray(tensor.data).reshape(-1, KEPT_TYPES[tensor.tensor_type][1])  # one row per block, d first
-  d = raw[:, :2].copy().view(np.float16)[:, 0]
+  d = raw[:, 2 * field:2 * field + 2].copy().view(np.float16)[:, 0]
   return np.repeat(d, BLOCK).reshape(shape)
 
 
@@ -209,37 +213,44 @@ def import_gguf(path: str | os.PathLike, progress: bool = False, block_scales: b
     bar.update()
     return expect_shape(name, dequantize(_tensor(reader, name), where), shape, where)
 
-  scales: dict[str, tuple[str, np.ndarray]] = {}
+  scales: dict[str, tuple[str, np.ndarray, np.ndarray | None]] = {}
 
-  def keep(kinds: dict[str, np.ndarray], expanded: dict[str, np.ndarray]) -> None:
-    """Records the scales of each weight whose tensors are all of one kept type (kinds: their codes)."""
+  def keep(kinds: dict[str, np.ndarray], expanded: dict[str, np.ndarray], offsets: dict[str, np.ndarray]) -> None:
+    """Records the scales (and offsets) of each weight whose tensors are all of one kept type (kinds: their
+    codes)."""
     contracts = quantized_weights(cfg.replace(quant="int8", quant_embedding="int8"))
     for name, kind in kinds.items():
       codes = np.unique(kind)
       if name in contracts and len(codes) == 1 and codes[0]:
         scale = collapse(expanded[name], contracts[name])
-        if scale is not None:
-          scheme = next(k for k, c in _KINDS.items() if c == codes[0])
-          scales[name] = (scheme, scale)
+        scheme = next(k for k, c in _KINDS.items() if c == codes[0])
+        offset = collapse(offsets[name], contracts[name]) if scheme == "int4" else None
+        if scale is not None and (offset is not None or scheme != "int4"):
+          scales[name] = (scheme, scale, offset)
 
   def kind_of(name, shape):
     t = _tensor(reader, name)
     return np.full(shape, _KINDS[KEPT_TYPES[t.tensor_type][0]] if t.tensor_type in KEPT_TYPES else 0, np.int8)
 
-  def scale_of(name, shape):
+  def scale_of(name, shape, field=0):
     t = _tensor(reader, name)
-    return expanded_scales(t) if t.tensor_type in KEPT_TYPES else np.zeros(shape, np.float16)
+    kept = t.tensor_type in KEPT_TYPES and (field == 0 or t.tensor_type == T.Q4_1)
+    return expanded_scales(t, field) if kept else np.zeros(shape, np.float16)
+
+  offset_of = lambda name, shape: scale_of(name, shape, 1)
 
   params = DeviceParams()
   params["embedder/input_embedding"] = take("token_embd.weight", (v, d))
   params["final_norm/scale"] = take("output_norm.weight", (d,)) - 1.0
   if block_scales:
     embd = "embedder/input_embedding"
-    keep({embd: kind_of("token_embd.weight", (v, d))}, {embd: scale_of("token_embd.weight", (v, d))})
+    keep({embd: kind_of("token_embd.weight", (v, d))}, {embd: scale_of("token_embd.weight", (v, d))},
+         {embd: offset_of("token_embd.weight", (v, d))})
   for i in range(cfg.num_layers):
     params.update(block_params(cfg, i, BLOCK_NAMES, take, lambda name, shape: take(name, shape) - 1.0))
     if block_scales:
-      keep(block_params(cfg, i, BLOCK_NAMES, kind_of, kind_of), block_params(cfg, i, BLOCK_NAMES, scale_of, kind_of))
+      keep(block_params(cfg, i, BLOCK_NAMES, kind_of, kind_of), block_params(cfg, i, BLOCK_NAMES, scale_of, kind_of),
+           block_params(cfg, i, BLOCK_NAMES, offset_of, kind_of))
   bar.close()
   names.discard("output.weight")  # an untied copy of the embedding some converters write; Gemma ties it
   names.discard("rope_freqs.weight")

@@ -1,5 +1,5 @@
-"""Quantized checkpoints on 8 simulated CPU devices: restored straight into each device's slice (scales
-placed by the rules like any param), with the logits and greedy tokens of the one-device run; a QLoRA
+"""Quantized checkpoints on 8 simulated CPU devices: restored straight into each device's slice (scales and
+int4's offsets placed by the rules like any param), with the logits and greedy tokens of the one-device run; a QLoRA
 step on the TRAINING mesh equals the one-device step."""
 
 import jax
@@ -35,7 +35,11 @@ def test_sharded_restore_and_generation_equal_one_device(quantized, mesh):
   many = gj.load(path, mesh=mesh)
   for name, x in flat_params(many.params).items():  # every scale and value placed by the rules, checked
     assert len(x.sharding.device_set) == 8, name
-  q = flat_params(many.params)["layer_0/mlp/gating_einsum/w"]
+  flat = flat_params(many.params)
+  for name in (n for n in flat if n.endswith("_offset")):  # int4's offsets lie where their scales do
+    assert flat[name].sharding.is_equivalent_to(flat[name[:-len("offset")] + "scale"].sharding, flat[name].ndim), name
+  assert any(n.endswith("_offset") for n in flat) == (path.name == "int4")
+  q = flat["layer_0/mlp/gating_einsum/w"]
   if "model=8" in mesh or "model=4" in mesh:  # F split over model: each device holds a slice, never the whole
     assert q.addressable_shards[0].data.shape[0] < CONFIG.hidden_dim
   ids = PROMPTS[2]
