@@ -60,9 +60,8 @@ def nll_sum(params: nnx.State, graphdef: nnx.GraphDef, batch: TrainBatch, *, fro
     states = tuple(cast_floats(s, dtype) for s in states)
   model = nnx.merge(graphdef, *states)
   hidden = model(batch.tokens, batch.positions, segments=batch.segments, remat=remat).hidden
-  nll = -model.token_logprobs(hidden[:, :-1], batch.tokens[:, 1:])  # (B, T-1) float32
   weight = batch.targets[:, 1:]
-  return jnp.sum(nll * weight), jnp.sum(weight)
+  return model.token_nll_sum(hidden[:, :-1], batch.tokens[:, 1:], weight), jnp.sum(weight)
 
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: TrainBatch, *, frozen: nnx.State | None = None,
