@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from .shapes import Array, Float, Int
 
 # Logit elements per chunk (B * chunk positions * V): 64M float32 = 256 MiB, 4 chunks at B*T = 1024 for
-# V = 262144. Measured on the 270M (benchmarks/results/2026-12-05_train_after.md).
+# V = 262144: a memory bound (a chunk's logits, exp and gradient), not a tuned speed optimum (one chunk vs
+# several is still to be timed on a quiet machine: benchmarks/train_ab.py --variants fused,fused1).
 CHUNK_ELEMENTS = 64 * 2**20
 
 
