@@ -97,13 +97,14 @@ def build_table(results: dict, configs: list[tuple[str, str]], engines: list[str
 
   mib = lambda x: None if x is None else x / 2**20
   head = ["method", "dtype"]
-  for metric in ("tokens/s ↑", "training peak MiB ↓", "max RSS MiB ↓"):
+  for metric in ("tokens/s ↑", "tokens/CPU s ↑", "training peak MiB ↓", "max RSS MiB ↓"):
     head += [f"{metric} {ENGINES[e][0]}" for e in engines] + (["ours/HF"] if len(engines) == 2 else [])
   head += [f"cold step s {ENGINES[e][0]}" for e in engines] + [f"first loss {ENGINES[e][0]}" for e in engines]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for cfg in configs:
     row = list(cfg)
-    for key, conv, spec in (("tokens_per_s", lambda x: x, ".0f"), ("peak_rss_after_load", mib, ".0f"),
+    for key, conv, spec in (("tokens_per_s", lambda x: x, ".0f"), ("tokens_per_cpu_s", lambda x: x, ".0f"),
+                            ("peak_rss_after_load", mib, ".0f"),
                             ("ru_maxrss", mib, ".0f")):
       vals = [conv(get(e, cfg, key)) for e in engines]
       row += [fmt(v, spec) for v in vals] + ([ratio(vals[0], vals[1])] if len(engines) == 2 else [])
@@ -127,7 +128,8 @@ def build_table(results: dict, configs: list[tuple[str, str]], engines: list[str
           f"({info['trainable_count'] / info['param_count']:.2%} of {info['param_count']:,}); optimizer state "
           f"{fmt(mib(state), '.1f')} MiB = {fmt(state / info['params_bytes'] * 100 if state else None, '.2f')}% of the "
           f"params' {info['params_bytes'] / 2**20:.0f} MiB; RSS before load {r['rss_before_load'] / 2**20:.0f} MiB, "
-          f"after load {r['rss_after_load'] / 2**20:.0f} MiB; steps {', '.join(f'{s:.2f}' for s in r['step_all'])} s; "
+          f"after load {r['rss_after_load'] / 2**20:.0f} MiB; steps {', '.join(f'{s:.2f}' for s in r['step_all'])} s "
+          f"({', '.join(f'{s:.2f}' for s in r.get('cpu_all', []))} CPU s); "
           f"loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}; {info.get('settings', '')}; other processes used "
           f"{r['others_cores']:.2f} of 2 cores during its {r['wall_s']:.0f} s run; versions {info.get('versions')}")
   return "\n".join(lines), notes
@@ -195,7 +197,9 @@ def main():
       f"tokens/s = {batch * seq} / median of {steps} steps after the cold step and {args.warmup_steps} warmup; "
       f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, q/k/v/o/gate/up/down; AdamW lr {args.learning_rate:g}, "
       f"clip 1.0. Training peak = VmHWM after load (reset once the weights are in memory); max RSS = ru_maxrss "
-      f"of the whole process. Ratios are ours/HF: > 1 is better for ↑, worse for ↓."
+      f"of the whole process; tokens/CPU s = {batch * seq} / median CPU seconds of the engine process per timed "
+      f"step (all threads: less sensitive to other processes' load than tokens/s, not a quiet-machine speed). "
+      f"Ratios are ours/HF: > 1 is better for ↑, worse for ↓."
       + (" QUICK smoke settings." if q else ""))
   out = "\n\n".join([header, table, "\n".join(f"- {n}" for n in notes)])
   print(out)

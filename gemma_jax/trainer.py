@@ -216,6 +216,7 @@ def fit(run: Run, run_dir: str | pathlib.Path, on_event: Event = lambda e: None)
   eval_fn = optim.make_eval_step(run.graphdef, dtype=dtype)
   lr = optim.schedule(optim.OptimConfig(learning_rate=recipe.learning_rate, warmup=recipe.warmup,
                                         steps=recipe.steps))
+  frozen = optim.frozen_for_step(run.frozen, dtype)  # LoRA's base in the compute dtype, cast once
   with open(run_dir / METRICS_FILE, "a") as metrics:
     def emit(event):
       metrics.write(json.dumps(event) + "\n")
@@ -226,7 +227,7 @@ def fit(run: Run, run_dir: str | pathlib.Path, on_event: Event = lambda e: None)
       batches = [run.loader.next_batch() for _ in range(recipe.grad_accum)]
       t0 = time.perf_counter()
       arrays = device_batches(batches, run.layout, run.pad_id)
-      run.params, run.opt_state, m = step_fn(run.params, run.opt_state, run.frozen, arrays)
+      run.params, run.opt_state, m = step_fn(run.params, run.opt_state, frozen, arrays)
       loss = float(m.loss)  # waits for the step
       seconds = time.perf_counter() - t0
       emit({"step": run.step + 1, "loss": loss, "learning_rate": float(lr(run.step)), "grad_norm": float(m.grad_norm),
@@ -234,19 +235,21 @@ def fit(run: Run, run_dir: str | pathlib.Path, on_event: Event = lambda e: None)
             "seconds": seconds})
       run.step += 1
       if run.eval_examples and (run.step % recipe.eval_every == 0 or run.step == recipe.steps):
-        emit({"step": run.step, "eval_loss": evaluate(run, eval_fn)})
+        emit({"step": run.step, "eval_loss": evaluate(run, eval_fn, frozen)})
       if run.step % recipe.save_every == 0 or run.step == recipe.steps:
         save(mngr, run)
         emit({"step": run.step, "saved": str(mngr.directory / str(run.step))})
   mngr.close()
 
 
-def evaluate(run: Run, eval_fn) -> float:
-  """Mean loss over every eval example's targets (each example once, data.eval_batches)."""
+def evaluate(run: Run, eval_fn, frozen: Any = None) -> float:
+  """Mean loss over every eval example's targets (each example once, data.eval_batches); frozen: the
+  step's copy of run.frozen (optim.frozen_for_step), default run.frozen."""
+  frozen = run.frozen if frozen is None else frozen
   total = count = 0.0
   for batch in data.eval_batches(run.eval_examples, batch_size=run.recipe.batch_size, seq_len=run.recipe.seq_len,
                                  pack=run.recipe.pack, pad_id=run.pad_id):
-    t, c = eval_fn(run.params, run.frozen, device_batches([batch], run.layout, run.pad_id, stacked=False))
+    t, c = eval_fn(run.params, frozen, device_batches([batch], run.layout, run.pad_id, stacked=False))
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 

@@ -19,6 +19,7 @@ from .cache import Cache
 from .configs import ModelConfig
 from .layers import Einsum, Embedder, RMSNorm
 from .tree import flatten, unflatten
+from .xent import chunk_positions, token_nll_sum
 
 
 class FeedForward(nnx.Module):
@@ -128,6 +129,20 @@ class Transformer(nnx.Module):
     computation: scoring (decode.py), evaluation and the training loss (train.py) all come here.
     """
     return self.token_scores(hidden, targets)[0]
+
+  def token_nll_sum(self, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(weights * -log p(targets | hidden)), () float32: hidden (B, T, D), targets (B, T) int, weights (B, T).
+
+    The training loss's output layer: equal to -sum(token_logprobs(hidden, targets) * weights), computed
+    by xent.token_nll_sum in chunks of positions with its gradient fused (no (B, T, V) logits are held).
+    A quantized embedding (QLoRA's int8/int4 table, never trained) takes the plain path.
+    """
+    if self.embedder.input_embedding_scale is not None:
+      return -jnp.sum(self.token_logprobs(hidden, targets) * weights)
+    table = self.embedder.input_embedding[...]
+    b, t = targets.shape
+    chunk = chunk_positions(b, t, table.shape[0])
+    return token_nll_sum(hidden, table, targets, weights.astype(jnp.float32), self.config.final_logits_softcap, chunk)
 
   def token_scores(self, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(log p(targets | hidden), targets == the most likely token): hidden (B, T, D), targets (B, T) int ->

@@ -386,3 +386,22 @@ def test_frozen_params_get_no_optimizer_state():
   before = jax.tree.map(np.asarray, frozen)
   step(params, state, frozen, jax.tree.map(lambda x: x[None], batch()))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)))
+
+
+def test_a_base_cast_once_gives_the_same_bfloat16_step():
+  """optim.frozen_for_step: LoRA's base cast to bfloat16 before the loop gives the step the same bits as the
+  cast inside it; float32 (and no base) pass through untouched."""
+  m = tiny_train_model()
+  module = nnx.merge(m.graphdef, m.params)
+  lora.apply(module, lora.LoraConfig(rank=2, alpha=4.0))
+  graphdef, params, frozen = lora.split(module)
+  assert optim.frozen_for_step(frozen, jnp.float32) is frozen and optim.frozen_for_step(None, jnp.bfloat16) is None
+  cast = optim.frozen_for_step(frozen, jnp.bfloat16)
+  assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.float32)}  # the caller's base is kept
+  opt = optim.make_optimizer(optim.OptimConfig())
+  step = optim.make_train_step(graphdef, opt, dtype=jnp.bfloat16)
+  b = jax.tree.map(lambda x: x[None], batch())
+  outs = [step(jax.tree.map(jnp.array, params), opt.init(params), f, b) for f in (frozen, cast)]
+  assert float(outs[0][2].loss) == float(outs[1][2].loss)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])))

@@ -7,7 +7,8 @@ LoraConfig(rank, alpha)) on the recipe's default targets (q_einsum, kv_einsum, a
 gating_einsum, linear: q, k, v, o, gate, up, down) and nnx.split(module, nnx.LoRAParam, ...) into trainable
 and frozen state; for full, every param trainable. optim.make_optimizer(OptimConfig(lr, clip 1.0, weight
 decay 0)) and optim.make_train_step(graphdef, optimizer, dtype=compute dtype, remat=False), called on one
-microbatch (A = 1) with positions 0..T-1, one segment per row and every position after the first a target.
+microbatch (A = 1), LoRA's frozen base cast to the compute dtype once (optim.frozen_for_step, the float32
+base kept as trainer.fit keeps it), with positions 0..T-1, one segment per row and every position after the first a target.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Engine:
     self.opt_state = jax.jit(optimizer.init)(self.params)
     dtype = jnp.dtype(spec["dtype"])
     self.step_fn = optim.make_train_step(self.graphdef, optimizer, dtype=dtype, remat=False)
+    # As trainer.fit: LoRA's base cast to the compute dtype once; the float32 base is kept (the merge uses it).
+    self.frozen_step = optim.frozen_for_step(self.frozen, dtype)
     tokens = np.asarray(spec["tokens"], np.int32)[None]  # (A=1, B, T)
     targets = np.ones(tokens.shape, np.float32)
     targets[..., 0] = 0.0  # nothing predicts BOS
@@ -64,10 +67,10 @@ class Engine:
         tokens=jnp.asarray(tokens), positions=jnp.asarray(np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32),
                                                                           tokens.shape)),
         segments=jnp.ones(tokens.shape, jnp.int32), targets=jnp.asarray(targets))
-    jax.block_until_ready((self.params, self.frozen, self.opt_state, self.batch))
+    jax.block_until_ready((self.params, self.frozen, self.frozen_step, self.opt_state, self.batch))
 
   def step(self):
-    self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, self.frozen, self.batch)
+    self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, self.frozen_step, self.batch)
     self.jax.block_until_ready((self.params, self.opt_state))
     return float(m.loss)
 

@@ -17,7 +17,8 @@ The protocol (the same order for every engine):
   1. RSS after the imports and after load; then the peak-RSS counter is reset (/proc/self/clear_refs), so the
      "training peak" covers only what happens once the weights are in memory.
   2. The first step alone ("cold": compilation included for JAX), then warmup_steps more, then `steps` timed
-     steps; tokens/s = B * T / median step time.
+     steps; tokens/s = B * T / median step time; tokens per CPU second = B * T / median CPU seconds of the
+     process per step (all threads).
   3. The loss of every step: the first is computed from the same weights on the same batch by every engine,
      so it must agree across engines (a check that both train the same model on the same data).
 """
@@ -52,15 +53,20 @@ def main(engine_cls) -> None:
   log(f"  first step {res['first_step_s']:.1f}s, loss {loss:.4f}")
   for _ in range(spec["warmup_steps"]):
     losses.append(engine.step())
-  times = []
+  times, cpus = [], []
   for _ in range(spec["steps"]):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses.append(engine.step())
     times.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
   b, t = len(spec["tokens"]), len(spec["tokens"][0])
   res["step_s"] = statistics.median(times)
   res["step_all"] = times
   res["tokens_per_s"] = b * t / res["step_s"]
+  # CPU seconds of this process (all its threads) per step: on a machine shared with other work a step's
+  # wall time grows with the load, its CPU seconds much less (it is not a speed on a quiet machine).
+  res["cpu_all"] = cpus
+  res["tokens_per_cpu_s"] = b * t / statistics.median(cpus)
   res["losses"] = losses
   log(f"  step {res['step_s']:.2f}s median of {len(times)}: {res['tokens_per_s']:.0f} tok/s; loss "
       f"{losses[0]:.4f} -> {losses[-1]:.4f}")
