@@ -49,8 +49,8 @@ VENVS = os.environ.get("VENVS", os.path.expanduser("~/venvs"))
 SHORT_PROMPT = "The capital of France is"
 
 
-def long_text() -> str:
-  """A long, varied English text (~2000 tokens) to cut prompts of exact lengths from."""
+def long_text(days: int = 40) -> str:
+  """A long, varied English text (~55 tokens a day: ~2000 tokens for 40 days) to cut prompts from."""
   ports = ["Brest", "Cork", "Bergen", "Porto", "Galway", "Aberdeen", "Bilbao", "Stavanger", "Plymouth",
            "Cadiz", "Tromso", "Dundee", "Vigo", "Oban", "Lorient", "Wick", "Sligo", "Kiel", "Leith", "Hull"]
   weather = ["a grey drizzle", "a bright north wind", "thick fog", "a calm sea", "sleet and hail",
@@ -58,7 +58,7 @@ def long_text() -> str:
   cargo = ["timber", "salted cod", "wool", "copper", "barley", "coal", "wine", "slate", "tea", "hemp"]
   lines = ["The keeper's log for the winter season, copied out by hand for the harbour office, "
            "with notes on the weather, the lamp, and every vessel that passed the point."]
-  for day in range(1, 41):
+  for day in range(1, days + 1):
     lines.append(
         f"On day {day}, under {weather[day % 10]}, the keeper counted {3 * day + 2} ships and trimmed the "
         f"wick {day % 4 + 1} times. The largest came from {ports[day % 20]} carrying {cargo[(day * 3) % 10]}, "

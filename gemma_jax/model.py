@@ -290,8 +290,10 @@ class Model:
     """Teacher-forced log-probability of each token after the first: (len(ids) - 1,) float32.
 
     chunk: score through the KV cache, this many tokens per call (the memory of one chunk's attention).
-    A model with a kv_cache_dtype always scores through its cache (default: one chunk), so the scores
-    are those its generation sees; otherwise the default is one forward without a cache.
+    A model with a kv_cache_dtype always scores through its cache, so the scores are those its generation
+    sees; otherwise the default is one forward without a cache up to engine.SCORE_CHUNK tokens, and
+    through the cache SCORE_CHUNK tokens per call beyond. Logits are computed a few hundred positions at
+    a time (decode.SCORE_ROWS), so memory does not grow with tokens x vocabulary.
     """
     ids = self.check_ids(ids, "token sequence")
     if len(ids) < 2:
