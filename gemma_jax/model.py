@@ -22,6 +22,7 @@ from .checks import check_cache_policy, check_max_new_tokens, check_stop_strings
 from .configs import ModelConfig
 from .decode import DecodeState, Decoder
 from .errors import GemmaError
+from .hostmem import tune_malloc
 from .sampling import Sampling, make_sampling
 from .sharding import GENERATION, Layout, Rules
 from .streaming import TextStream
@@ -330,6 +331,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | N
   kv_cache_dtype: "float32", "bfloat16" or "int8": what generation's KV caches store (default: dtype).
   """
   check_kv_cache_dtype(kv_cache_dtype)  # before anything is read
+  tune_malloc()  # before the weights: freed buffers go back to the system (hostmem.py)
   layout = None if mesh is None else Layout.of(mesh, rules)
   loaded = checkpoint.load(path, dtype, layout, verify=verify)
   proto = loaded.tokenizer_proto
