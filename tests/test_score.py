@@ -106,7 +106,7 @@ LONG = 16384  # tokens scored: 16383 log-probs
 # Peak RSS of the scoring process beyond its runtime (RSS after `import gemma_jax` and the first device
 # call) + the float32 params + the KV cache: the loader's own buffers and Orbax/tensorstore (measured
 # 0.28 GiB), XLA's compile-time memory and the programs (0.2 GiB), one chunk's attention to a 16K cache
-# and SCORE_ROWS rows of logits (0.36 GiB, compiled temporaries). Measured: 0.8 GiB (README, "Scoring").
+# and SCORE_ROWS rows of logits (0.36 GiB, compiled temporaries). Measured: 0.79 GiB (README, "Long texts").
 BOUND = 1.25 * 2**30
 
 SCRIPT = r"""
@@ -152,4 +152,4 @@ def test_a_16k_token_text_scores_in_bounded_memory_and_equals_the_straightforwar
   # The whole text cut differently (2048 tokens per call: other chunk boundaries, other splits of each
   # softmax between cache and chunk): the same log-probs at every position.
   np.testing.assert_allclose(model_270m.logprobs(ids, chunk=2048), lp, rtol=0, atol=1e-4)
-  assert 0.5 < -lp.mean() < 4  # a sane English-text NLL all the way (not drifting past the window)
+  assert -lp.mean() < 4  # a sane NLL all the way (a model lost past its window scores ~10 nats)
