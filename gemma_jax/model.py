@@ -22,6 +22,7 @@ from .checks import check_cache_policy, check_max_new_tokens, check_stop_strings
 from .configs import ModelConfig
 from .decode import DecodeState, Decoder
 from .errors import GemmaError
+from .hostmem import tune_malloc
 from .sampling import Sampling, make_sampling
 from .sharding import GENERATION, Layout, Rules
 from .streaming import TextStream
@@ -290,8 +291,10 @@ class Model:
     """Teacher-forced log-probability of each token after the first: (len(ids) - 1,) float32.
 
     chunk: score through the KV cache, this many tokens per call (the memory of one chunk's attention).
-    A model with a kv_cache_dtype always scores through its cache (default: one chunk), so the scores
-    are those its generation sees; otherwise the default is one forward without a cache.
+    A model with a kv_cache_dtype always scores through its cache, so the scores are those its generation
+    sees; otherwise the default is one forward without a cache up to engine.SCORE_CHUNK tokens, and
+    through the cache SCORE_CHUNK tokens per call beyond. Logits are computed a few hundred positions at
+    a time (decode.SCORE_ROWS), so memory does not grow with tokens x vocabulary.
     """
     ids = self.check_ids(ids, "token sequence")
     if len(ids) < 2:
@@ -328,6 +331,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: Mesh | str | N
   kv_cache_dtype: "float32", "bfloat16" or "int8": what generation's KV caches store (default: dtype).
   """
   check_kv_cache_dtype(kv_cache_dtype)  # before anything is read
+  tune_malloc()  # before the weights: freed buffers go back to the system (hostmem.py)
   layout = None if mesh is None else Layout.of(mesh, rules)
   loaded = checkpoint.load(path, dtype, layout, verify=verify)
   proto = loaded.tokenizer_proto

@@ -10,6 +10,7 @@ import json
 import pathlib
 
 from .cli import add_model_flags, load_model, main_wrapper, run, start_processes
+from .engine import SCORE_CHUNK
 from .errors import GemmaError
 from .evaluate import perplexity
 
@@ -23,7 +24,8 @@ def parse_args(argv):
   src.add_argument("--tokens-file", help="JSON list of token ids, scored as given (works without a tokenizer)")
   p.add_argument("--chunk", type=int, metavar="N",
                  help="score through the KV cache, N tokens per call (memory of one chunk's attention); with "
-                      "--kv-cache-dtype the scores always come through the cache (default: one chunk)")
+                      "--kv-cache-dtype the scores always come through the cache (default: one forward up to "
+                      f"{SCORE_CHUNK} tokens, then {SCORE_CHUNK} per call)")
   p.add_argument("--json", action="store_true", help='print {"tokens": [...], "logprobs": [...]}')
   return p.parse_args(argv)
 

@@ -18,6 +18,7 @@ The protocol (identical order for every engine, so that "cold" means the same th
   6. Decode at batch 1 and batch B: generate(prompts, 1) and generate(prompts, N) once each to warm
      up, then `decode_repeats` interleaved pairs; decode tokens/s = B * (N - 1) / (median_N - median_1), i.e.
      the N - 1 steps after the first token, prefill excluded by difference (same shapes in both calls).
+A spec with "long": true runs the long-prompt row instead (long_prefill), one fresh process per length.
 """
 
 from __future__ import annotations
@@ -76,10 +77,57 @@ def log(*args):
   print(*args, file=sys.stderr, flush=True)
 
 
+def vm_size() -> int | None:
+  kb = _status_kb("VmSize")
+  return None if kb is None else kb * 1024
+
+
+def long_prefill(engine, spec: dict, out_path: str) -> None:
+  """The long-prompt row, in a process of its own: load, then prefill the spec's long prompt twice (cold:
+  compilation included, then warm) and report the warm tok/s and the peak RSS after load (both calls).
+
+  An engine prefills through `prefill_long(ids)` where it has one (ours: the user's path, Model.start),
+  else `prefill(ids)`. spec["mem_budget_gib"]: address space the process may add after load (RLIMIT_AS),
+  so a prompt that does not fit fails in this process (an error, or an abort) instead of pushing the
+  machine into swap or the OOM killer; the driver then reports that it did not fit.
+  """
+  import resource as rs
+  res: dict = {"loadavg_start": os.getloadavg()}
+  res["import_s"], _ = timed(engine.setup)
+  res["rss_before_load"] = rss_bytes()
+  res["load_s"], _ = timed(engine.load, spec)
+  res["rss_after_load"] = rss_bytes()
+  budget = spec.get("mem_budget_gib")
+  if budget:
+    limit = vm_size() + int(budget * 2**30)
+    rs.setrlimit(rs.RLIMIT_AS, (limit, rs.getrlimit(rs.RLIMIT_AS)[1]))
+    res["address_space_limit"] = limit
+  res["peak_reset_ok"] = reset_peak()
+  run = getattr(engine, "prefill_long", engine.prefill)
+  ids = spec["prefill_ids"]
+  try:
+    res["prefill_cold_s"], _ = timed(run, ids)
+    res["prefill_s"], _ = timed(run, ids)
+  except Exception as e:  # noqa: BLE001 (out of memory takes many forms: MemoryError, RuntimeError, XLA's)
+    res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+  else:
+    res["prefill_tps"] = len(ids) / res["prefill_s"]
+  res["prefill_len"] = len(ids)
+  res["peak_rss_after_load"] = hwm_bytes()
+  res["loadavg_end"] = os.getloadavg()
+  res["info"] = engine.info()
+  log(f"  long prefill {len(ids)}: " + (res.get("error") or f"{res['prefill_tps']:.0f} tok/s") +
+      f", peak rss after load {res['peak_rss_after_load'] / 2**20:.0f} MiB")
+  with open(out_path, "w") as f:
+    json.dump(res, f, indent=1)
+
+
 def main(engine_cls) -> None:
   spec_path, out_path = sys.argv[1], sys.argv[2]
   with open(spec_path) as f:
     spec = json.load(f)
+  if spec.get("long"):
+    return long_prefill(engine_cls(), spec, out_path)
   reps = spec["repeats"]
   res: dict = {"loadavg_start": os.getloadavg()}
   engine = engine_cls()

@@ -2,7 +2,8 @@
 
 Generation goes through the public API, Model.generate_ids(..., stop_ids=[]); prefill alone through
 gemma_jax.decode.Decoder.prefill with a fresh gemma_jax.cache.init_cache, sized as generate_ids would size it
-(cache_len = next power of two >= prompt + new tokens).
+(cache_len = next power of two >= prompt + new tokens). The long-prompt row prefills through
+gemma_jax.engine.start, the path Model.start and generate take.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class Engine:
     out = self.model.decoder.prefill(self.model.params, jnp.asarray(tokens), jnp.asarray(positions), cache)
     self.jax.block_until_ready(out)
 
+  def prefill_long(self, ids):
+    """The long-prompt row: the user's path, engine.start (Model.start), for one new token."""
+    from gemma_jax import engine
+    state = engine.start(self.model.engine, [ids], 1)
+    self.jax.block_until_ready(state)
+
   def info(self):
     import flax
     import jax
@@ -75,6 +82,9 @@ class Engine:
         "cache_bytes_b1": self.gcache.cache_bytes(cfg, 1, dec_cache_len, dtype),
         "cache_bytes_bB": self.gcache.cache_bytes(cfg, b, dec_cache_len, dtype),
         "prefill_cache_len": pre_cache_len,
+        # the long-prompt row's cache: engine.start's default for the prompt + 1 new token
+        "long_cache_bytes": self.gcache.cache_bytes(
+            cfg, 1, min(pow2_bucket(len(self.spec["prefill_ids"]) + 1), cfg.max_seq_len), dtype),
         "settings": f"generate_ids(stop_ids=[]); decode cache_len {dec_cache_len}, prefill cache_len "
                     f"{pre_cache_len}; prompts padded to pow2 >= 32",
     }
