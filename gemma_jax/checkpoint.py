@@ -173,8 +173,8 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     raise GemmaError(f"{config_path} is not a gemma_jax checkpoint config (no \"format\": \"{FORMAT}\")")
   if meta.get("version") not in READABLE:
     raise GemmaError(f"{config_path} has format version {meta.get('version')}, this library reads "
-                     f"versions {' and '.join(map(str, READABLE))}; convert the weights again with "
-                     "`python -m gemma_jax.convert`")
+                     f"versions {', '.join(map(str, READABLE[:-1]))} and {READABLE[-1]}; convert the weights again "
+                     "with `python -m gemma_jax.convert`")
   if not (directory / COMPLETE_FILE).is_file():
     raise GemmaError(incomplete(directory))
   return meta

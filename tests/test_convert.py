@@ -231,7 +231,7 @@ def test_checkpoint_of_an_older_format_asks_to_convert_again(tiny_gguf, tmp_path
   meta = json.loads((ckpt / "config.json").read_text())
   meta["version"] = 1  # official (N, D, H) projection layouts
   (ckpt / "config.json").write_text(json.dumps(meta))
-  with pytest.raises(GemmaError, match=r"has format version 1, this library reads versions 3 and 4; "
+  with pytest.raises(GemmaError, match=r"has format version 1, this library reads versions 3, 4 and 5; "
                                        r"convert the weights again with `python -m gemma_jax.convert`"):
     gj.load(ckpt)
 

@@ -106,7 +106,9 @@ def test_a_failed_write_leaves_nothing_and_names_path_and_cause(tmp_path, monkey
     (path / "half").write_bytes(b"x" * 100)
     raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(checkpoint.ocp.Checkpointer, "save", full)
+  import orbax.checkpoint as ocp  # checkpoint.py imports it on first use
+
+  monkeypatch.setattr(ocp.Checkpointer, "save", full)
   with pytest.raises(GemmaError, match=rf"cannot write checkpoint {tmp_path / 'ckpt'}: no space left on device"):
     save_tiny(tmp_path / "ckpt")
   assert not (tmp_path / "ckpt").exists() and debris(tmp_path / "ckpt") == []
