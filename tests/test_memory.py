@@ -6,10 +6,14 @@ import sys
 import pytest
 
 SCRIPT = r"""
-import gc, resource, sys
+import gc, sys
 import gemma_jax as gj
 from gemma_jax.convert.gguf import open_reader
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this process image's own high-water mark: ru_maxrss would also count the parent's, which Linux
+# carries across the (v)fork + exec that started this process (a pytest worker of several GiB).
+def peak():
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 reader = open_reader(sys.argv[1])  # the gguf package's parsed metadata: a fixed cost, not weights
 del reader; gc.collect()
 before = peak()

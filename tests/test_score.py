@@ -114,7 +114,7 @@ LONG = 16384  # tokens scored: 16383 log-probs
 BOUND = 1.25 * 2**30
 
 SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import jax
 import numpy as np
 import gemma_jax as gj
@@ -128,7 +128,10 @@ lp = model.logprobs(ids)
 np.save(sys.argv[3], lp)
 params = sum(int(x.nbytes) for x in jax.tree.leaves(model.params))
 cache = gcache.cache_bytes(model.config, 1, len(ids), "float32")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this process image's own high-water mark: ru_maxrss would also count the parent's, which Linux
+# carries across the (v)fork + exec that started this process (a pytest worker of several GiB).
+with open("/proc/self/status") as f:
+  peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 print(json.dumps({"base": base, "params": params, "cache": cache, "peak": peak}))
 """
 
