@@ -388,6 +388,7 @@ def test_frozen_params_get_no_optimizer_state():
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)))
 
 
+@pytest.mark.slow  # ~50 s: two bfloat16 steps of a LoRA model compiled twice; the default suite is near its 20 min
 def test_a_base_cast_once_gives_the_same_bfloat16_step():
   """optim.frozen_for_step: LoRA's base cast to bfloat16 before the loop gives the step the same bits as the
   cast inside it; float32 (and no base) pass through untouched."""
