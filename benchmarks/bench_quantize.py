@@ -13,6 +13,8 @@ Reference, as shipped in CPython's pydoc_data.topics (prose; sha256 printed) -- 
 prompts of tests/data/golden_270m.json; and the golden prompts' 32-token greedy continuations compared
 with transformers' float32 goldens: equal, or the step where they part and float32's gap between its top
 two logits there (a near-tie when small).
+GPTQ rows (int4-gptq*): the checkpoint converted with a calibration text (gemma_jax/gptq.py), see
+CALIBRATION_TOPICS and calibration_file; the conversion's seconds are kept in WORK/SCHEME.convert_s.
 Size: params bytes held on the device (int4 counts half a byte, as XLA:CPU and Orbax store it) and bytes on
 disk (the checkpoint's params/ directory, compressed by Orbax).
 Speed: greedy decode tok/s at batch 1 and 8 = B * (N - 1) / (t(N new) - t(1 new)), prefill cancelled, median
@@ -49,8 +51,35 @@ SCHEMES = {
     "int4-emb-float": ("float32", dict(quantize="int4", embedding=None)),
     "int4-b64": ("float32", dict(quantize="int4", block_size=64, embedding="int8")),
     "int4-b128": ("float32", dict(quantize="int4", block_size=128, embedding="int8")),
+    # GPTQ (gptq.py), calibrated on CALIBRATION_TOPICS (Python docs, no passage of the held-out text in them)
+    "int4-gptq": ("float32", dict(quantize="int4", embedding="int8", calibration="docs")),
+    "int4-gptq-emb-int4": ("float32", dict(quantize="int4", embedding="int4", calibration="docs")),
+    # ... and on another kind of text (bench_sample.long_text: a harbour keeper's log), for the sensitivity
+    "int4-gptq-emb-int4-log": ("float32", dict(quantize="int4", embedding="int4", calibration="log")),
 }
-DEFAULT_SCHEMES = "float32,bfloat16,int8,int8-emb-float,int4,int4-sym,int4-emb-int4,int4-b128"
+DEFAULT_SCHEMES = ("float32,bfloat16,int8,int8-emb-float,int4,int4-sym,int4-emb-int4,int4-b128,int4-gptq,"
+                   "int4-gptq-emb-int4,int4-gptq-emb-int4-log")
+# GPTQ's calibration text: other topics of the same pydoc_data.topics (26K tokens; 8,192 used: 16 rows of 512).
+CALIBRATION_TOPICS = ("compound", "debugger", "formatstrings")
+
+
+def calibration_file(kind: str, work: pathlib.Path) -> pathlib.Path:
+  """WORK/calibration-KIND.txt: "docs" (CALIBRATION_TOPICS) or "log" (bench_sample.long_text(150): ~8K
+  tokens); checked to share no 200-character passage with the held-out text."""
+  import pydoc_data.topics  # noqa: PLC0415
+
+  if kind == "docs":
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in CALIBRATION_TOPICS)
+  else:
+    sys.path.insert(0, str(HERE))
+    from bench_sample import long_text  # noqa: PLC0415
+    text = long_text(150)
+  held = pydoc_data.topics.topics["execmodel"]
+  if any(held[k:k + 200] in text for k in range(0, len(held) - 200, 50)):
+    raise SystemExit(f"the {kind} calibration text shares a passage with the held-out text")
+  path = work / f"calibration-{kind}.txt"
+  path.write_text(text)
+  return path
 
 
 def held_out_text(min_tokens: int, tokenizer) -> tuple[str, list[int]]:
@@ -275,7 +304,11 @@ def main() -> None:
       ckpt = work / "_".join(f"{k}-{v}" for k, v in sorted(kw.items()))
       if not (ckpt / "COMPLETE.json").is_file():
         print(f"converting {ckpt.name}", file=sys.stderr, flush=True)
+        if "calibration" in kw:
+          kw = dict(kw, calibration=calibration_file(kw["calibration"], work))
+        t0 = time.perf_counter()
         gj.convert(base, ckpt, overwrite=True, **kw)
+        (work / f"{name}.convert_s").write_text(f"{time.perf_counter() - t0:.1f}")
     print(f"running {name}", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", name, "--dtype", dtype, "--worker-ckpt", str(ckpt),
                            "--out", str(out), "--work", str(work), "--new-tokens", str(args.new_tokens),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import qarray
+from . import gptq, qarray
 from .configs import QUANT_BLOCKS, QUANT_SCHEMES, ModelConfig
 from .errors import GemmaError
 from .layers import Einsum, Embedder
@@ -135,7 +135,7 @@ def check_dtypes(config: ModelConfig, stored: dict[str, Any], where: str) -> Non
 
 def quantize_params(config: ModelConfig, flat: dict[str, Any], scheme: str, block_size: int | None = None,
                     embedding: str | None = KEEP, *, block_scales: dict[str, Any] | None = None,
-                    where: str = "the model") -> ModelConfig:
+                    hessians: dict[str, np.ndarray] | None = None, where: str = "the model") -> ModelConfig:
   """Quantizes a flat {official name: float array} in place; returns the quantized config.
 
   One weight at a time, each float array replaced as soon as its values and scale exist (a dict that
@@ -144,6 +144,8 @@ def quantize_params(config: ModelConfig, flat: dict[str, Any], scheme: str, bloc
   Q8_0 "int8", Q4_0 "int4-sym", Q4_1 "int4" blocks, convert/gguf.py): where the scheme fits (Q4_0 also
   fits int4, with offset -8 * scale) and the scale's shape matches, the values are round((w - offset) /
   scale), exact for a weight that is values times that scale plus offset, and the scale is kept.
+  hessians: {name: H} of calibration inputs (gptq.hessians): those weights (not kept exactly) are chosen by
+  GPTQ (gptq.py) instead of rounded to nearest.
   """
   qconfig = scheme_config(config, scheme, block_size, embedding, where=where)
   for name, contract in quantized_weights(qconfig).items():
@@ -160,7 +162,10 @@ def quantize_params(config: ModelConfig, flat: dict[str, Any], scheme: str, bloc
       scale = jnp.asarray(given) if kind in qarray.ASYMMETRIC else jnp.asarray(given, jnp.float32)
       offset = None if offset is None else jnp.asarray(offset)
     else:
-      values, scale, offset = qarray.quantize(w, contract, kind, qconfig.quant_block)
+      if hessians is not None and name in hessians:
+        values, scale, offset = gptq.quantize_weight(w, hessians[name], contract, kind, qconfig.quant_block)
+      else:
+        values, scale, offset = qarray.quantize(w, contract, kind, qconfig.quant_block)
       if offset is not None and not bool(jnp.isfinite(scale).all() & jnp.isfinite(offset).all()):
         raise GemmaError(f"cannot quantize {where}'s {name} to {kind}: a block's range exceeds float16's "
                          "(65504 per step), where its scale and offset are stored")
@@ -181,7 +186,31 @@ def dequantize_params(config: ModelConfig, flat: dict[str, Any], dtype=jnp.float
   return float_config(config)
 
 
-def quantize(model, scheme: str = "int8", block_size: int | None = None, embedding: str | None = KEEP):
+def calibration_hessians(graphdef, params, config: ModelConfig, tokenizer, calibration, scheme: str,
+                         block_size: int | None = None, embedding: str | None = KEEP) -> dict[str, np.ndarray]:
+  """gptq.hessians of every weight `scheme` quantizes, from `calibration`: a text (tokenized with BOS, cut
+  into gptq.calibration_rows) or a list of token-id lists. A GemmaError for an empty or unusable one."""
+  if isinstance(calibration, str):
+    ids = tokenizer.encode(calibration)
+    if len(ids) < 2:
+      raise GemmaError("the calibration text is empty: GPTQ needs at least a few hundred tokens of text")
+    rows = gptq.calibration_rows(ids)
+  else:
+    try:
+      rows = [[int(i) for i in row] for row in calibration]
+    except TypeError:
+      raise GemmaError("calibration must be a text or a list of token-id lists") from None
+    if not rows or any(len(r) < 2 for r in rows):
+      raise GemmaError("calibration rows must each hold at least 2 token ids")
+    bad = [i for r in rows for i in r if not 0 <= i < config.vocab_size]
+    if bad:
+      raise GemmaError(f"calibration token id {bad[0]} is outside the vocabulary (0..{config.vocab_size - 1})")
+  qconfig = scheme_config(config, scheme, block_size, embedding)
+  return gptq.hessians(graphdef, params, rows, quantized_weights(qconfig))
+
+
+def quantize(model, scheme: str = "int8", block_size: int | None = None, embedding: str | None = KEEP,
+             calibration=None):
   """A quantized copy of a Model (gj.quantize): same tokenizer and mesh; the original is left as it was.
 
   Args:
@@ -191,11 +220,20 @@ def quantize(model, scheme: str = "int8", block_size: int | None = None, embeddi
     block_size: 32, 64 or 128 entries of the contracting axis per scale.
     embedding: "int8" (a scale per row), "int4" or None (kept in the compute dtype); default
       EMBEDDING_DEFAULT[scheme].
+    calibration: a text, or a list of token-id lists: the weights are then chosen by GPTQ (gptq.py) to
+      keep each projection's outputs on these inputs close to float's, instead of rounded to nearest
+      (a few thousand tokens of text like the model's use; README "Quantization" has the measurements).
   Symmetric scales are kept in the model's runtime dtype (float32, or bfloat16 for a bfloat16 model),
   int4's scales and offsets in float16.
   """
+  hessians = None
+  if calibration is not None:
+    if model.config.quantized:
+      scheme_config(model.config, scheme, block_size, embedding)  # the named "already quantized" error
+    hessians = calibration_hessians(model.graphdef, model.params, model.config, model.tokenizer, calibration,
+                                    scheme, block_size, embedding)
   flat = {k: jnp.asarray(v) for k, v in flat_params(model.params).items()}
-  qconfig = quantize_params(model.config, flat, scheme, block_size, embedding)
+  qconfig = quantize_params(model.config, flat, scheme, block_size, embedding, hessians=hessians)
   graphdef, state = abstract_model(qconfig)
   want = {k: x.dtype for k, x in flat_params(state).items()}  # the dtypes the quantized model holds
   set_flat_params(state, {k: v.astype(want[k]) for k, v in flat.items()})

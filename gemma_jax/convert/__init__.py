@@ -57,9 +57,42 @@ def import_any(src: str | os.PathLike, *, preset: str | None = None, progress: b
                    "*.safetensors, no Orbax _METADATA)")
 
 
+def read_calibration(path: str | os.PathLike) -> str:
+  """The text of a calibration file: a GemmaError naming the file when it is missing, not UTF-8 or empty."""
+  path = pathlib.Path(path)
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except OSError as e:
+    raise GemmaError(f"cannot read the calibration text {path}: {e.strerror or e}") from None
+  except UnicodeDecodeError as e:
+    raise GemmaError(f"calibration text {path} is not UTF-8 (byte {e.start}: {e.reason})") from None
+  if not text.strip():
+    raise GemmaError(f"calibration text {path} is empty")
+  return text
+
+
+def _hessians(imported: Imported, text: str, scheme: str, block_size, embedding, where: str) -> dict:
+  """gptq.hessians of the imported (float) model on `text`, tokenized with the model's own tokenizer."""
+  from ..quantize import calibration_hessians  # noqa: PLC0415
+  from ..tokenizer import Tokenizer  # noqa: PLC0415
+  from ..transformer import abstract_model, set_flat_params  # noqa: PLC0415
+
+  if imported.config.quantized:  # the named "already quantized" error, before a forward pass
+    check_scheme(scheme, block_size, embedding)
+    from ..quantize import scheme_config  # noqa: PLC0415
+    scheme_config(imported.config, scheme, block_size, embedding, where=where)
+  if imported.tokenizer_proto is None:
+    raise GemmaError(f"{where} has no tokenizer, which a calibration text needs")
+  graphdef, state = abstract_model(imported.config)
+  set_flat_params(state, dict(imported.params))
+  return calibration_hessians(graphdef, state, imported.config, Tokenizer(imported.tokenizer_proto), text,
+                              scheme, block_size, embedding)
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | None = None,
             progress: bool = False, overwrite: bool = False, quantize: str | None = None,
-            block_size: int | None = None, embedding: str | None = KEEP) -> pathlib.Path:
+            block_size: int | None = None, embedding: str | None = KEEP,
+            calibration: str | os.PathLike | None = None) -> pathlib.Path:
   """Imports src and writes a gemma_jax checkpoint directory dst (atomically, see checkpoint.save).
 
   dst must not exist or be empty, unless overwrite=True: then it is replaced once the new one is complete
@@ -67,6 +100,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | Non
   quantize: "int8" or "int4" stores the weights quantized (quantize.quantize; block_size and embedding as
   there). A GGUF file's Q8_0 / Q4_0 blocks are kept exactly when the scheme is theirs and the block size
   32 -- the default block size for a file that holds such blocks (gguf.py); all else is quantized anew.
+  calibration: a UTF-8 text file; the weights quantized anew are then chosen by GPTQ on its tokens
+  (quantize.quantize's calibration, gptq.py).
   """
   dst = pathlib.Path(dst)
   if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not (overwrite and dst.is_dir()):
@@ -74,14 +109,20 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | Non
     raise GemmaError(f"output {dst} already exists and is not an empty directory{hint}")
   if quantize is None and (block_size is not None or embedding != KEEP):
     raise GemmaError("a block size or an embedding scheme is given but no quantization scheme (--quantize)")
+  if calibration is not None and quantize is None:
+    raise GemmaError("a calibration text is given but no quantization scheme (--quantize)")
   if quantize is not None:
     check_scheme(quantize, block_size, embedding)  # before minutes of importing
+  text = None if calibration is None else read_calibration(calibration)
   imported = import_any(src, preset=preset, progress=progress, block_scales=quantize is not None)
   config = imported.config
   if quantize is not None:
     if block_size is None and any(kind == quantize for kind, *_ in imported.block_scales.values()):
       block_size = 32  # GGUF's block: the file's Q8_0 / Q4_0 blocks are kept exactly
+    hessians = None
+    if text is not None:
+      hessians = _hessians(imported, text, quantize, block_size, embedding, where=str(src))
     config = quantize_params(config, imported.params, quantize, block_size, embedding,
-                             block_scales=imported.block_scales, where=str(src))
+                             block_scales=imported.block_scales, hessians=hessians, where=str(src))
   return checkpoint.save(dst, config, unflatten(imported.params), tokenizer_proto=imported.tokenizer_proto,
                          source=imported.source, instruct=imported.instruct, overwrite=overwrite)

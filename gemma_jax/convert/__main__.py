@@ -1,7 +1,7 @@
 """python -m gemma_jax.convert SRC DST: import a .gguf file, an HF folder or an official checkpoint.
 
   python -m gemma_jax.convert model.gguf out/ckpt
-  python -m gemma_jax.convert out/ckpt out/ckpt-int4 --quantize int4 [--block-size 64]
+  python -m gemma_jax.convert out/ckpt out/ckpt-int4 --quantize int4 [--block-size 64] [--calibration calib.txt]
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
                  help="entries of the contracting axis per scale: 32 (int4's default, and GGUF's), 64 or 128")
   p.add_argument("--embedding", metavar="int8|int4|int4-sym|float",
                  help="the embedding's scheme (default: the --quantize scheme's, see the README)")
+  p.add_argument("--calibration", metavar="TEXT_FILE",
+                 help="with --quantize: a UTF-8 text (a few thousand tokens like the model's use) on which GPTQ "
+                      "chooses the quantized weights to keep each projection's outputs close to float's, "
+                      "instead of rounding each weight to nearest")
   args = p.parse_args(argv)
   from . import KEEP, convert  # noqa: PLC0415 (keep --help fast)
   from ..errors import GemmaError  # noqa: PLC0415
@@ -42,7 +46,8 @@ def main(argv=None) -> int:
       raise GemmaError(f"--embedding must be one of {', '.join(EMBEDDING_CHOICES)}, got {args.embedding!r}")
     embedding = EMBEDDING_CHOICES[args.embedding]
   out = convert(args.src, args.dst, preset=args.preset, progress=not args.no_progress, overwrite=args.overwrite,
-                quantize=args.quantize, block_size=args.block_size, embedding=embedding)
+                quantize=args.quantize, block_size=args.block_size, embedding=embedding,
+                calibration=args.calibration)
   print(f"wrote {out}")
   return 0
 
