@@ -12,7 +12,8 @@ Metrics (per engine and dtype):
   TTFT warm: the same call again (median); prefill: tokens/s of one prompt of --prefill-len ids,
   batch 1; decode: B * (N - 1) / (t(N new) - t(1 new)) at batch 1 and 8, same prompts and shapes in both
   calls, so prefill and the first token cancel; peak RSS: ru_maxrss of the engine process, and the
-  peak after load (VmHWM reset once the weights are in memory). The physical limit: this machine's
+  peak after load (VmHWM reset once the weights are in memory); CLI time to first token (ours): two
+  fresh `python -m gemma_jax.sample` processes sharing a fresh compile cache (cli_ttft). The physical limit: this machine's
   memory bandwidth (best of several 1 GiB numpy reads, 1 and 2 threads, and copies) divided by the
   bytes a batch-1 decode step must read (all params in the dtype, the embedding included since the
   logits use it, plus the KV cache).
@@ -147,6 +148,38 @@ def cpu_busy_s() -> float:
   return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def cli_ttft(python: str, ckpt: str, dtype: str, timeout: float) -> dict:
+  """Time to first token of `python -m gemma_jax.sample` in two fresh processes sharing a fresh compile cache.
+
+  Each process is timed from its start until the first generated text reaches its stdout (`--stream`,
+  1 new token): interpreter start, imports, checkpoint load (verified) and compilation included. The first
+  process compiles and fills the persistent XLA cache (gemma_jax/compile_cache.py, GEMMA_JAX_COMPILE_CACHE
+  pointing at an empty folder); the second reads it. Returns {"first_s", "second_s", "cache_files"} or
+  {"error"}.
+  """
+  out: dict = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    env = dict(os.environ, GEMMA_JAX_COMPILE_CACHE=os.path.join(tmp, "xla"), TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONUNBUFFERED="1")
+    cmd = [python, "-m", "gemma_jax.sample", "--ckpt", ckpt, "--dtype", dtype, "--prompt", SHORT_PROMPT,
+           "--max-new-tokens", "1", "--stream"]
+    for key in ("first_s", "second_s"):
+      t0 = time.perf_counter()
+      proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+      first = proc.stdout.read(1)  # blocks until the first streamed byte: the first token's text
+      t = time.perf_counter() - t0
+      try:
+        _, err = proc.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        return {"error": f"{key}: timed out after {timeout:.0f} s"}
+      if proc.returncode != 0 or not first:
+        return {"error": f"{key}: rc={proc.returncode}: {err.decode(errors='replace').strip()[-300:]}"}
+      out[key] = t
+    out["cache_files"] = sum(len(f) for _, _, f in os.walk(os.path.join(tmp, "xla")))
+  return out
+
+
 def run_engine(name: str, python: str, spec: dict, timeout: float) -> dict:
   label, script, _ = ENGINES[name]
   with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +285,15 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
         (f"prefill {n} tok (long prompt), tok/s (↑)", lambda e, dt, n=n: long_get(e, dt, n, "prefill_tps"), ".0f"),
         (f"peak RSS after load, prefill {n}, MiB (↓)", lambda e, dt, n=n: None if long_get(
             e, dt, n, "peak_rss_after_load") is None else long_get(e, dt, n, "peak_rss_after_load") / 2**20, ".0f")]
+  def cli_get(e, dt, key):
+    r = results.get(dt, {}).get("cli_ttft") if e == "ours" else None
+    return None if not r or "error" in r else r.get(key)
+
+  if not args.long_only:
+    metrics += [
+        ("CLI time to first token, 1st process (compiles), s (↓)", lambda e, dt: cli_get(e, dt, "first_s"), ".2f"),
+        ("CLI time to first token, 2nd process (compile cache), s (↓)",
+         lambda e, dt: cli_get(e, dt, "second_s"), ".2f")]
   if args.long_only:
     metrics = metrics[-2 * len(args.long_lens):]
   for dt in args.dtypes:
@@ -301,6 +343,13 @@ def build_table(results: dict, args, bw: dict, spec: dict) -> tuple[str, list[st
           f"{base / 2**20:.0f} MiB + {(peak - base) / 2**20:.0f} MiB; target params+cache+25% = "
           f"{target / 2**20:.0f} MiB -> {'met' if peak - base <= target else 'NOT met'} (excluding the "
           f"runtime), {'met' if peak <= target else 'not met'} counting the whole process.")
+    r = results.get(dt, {}).get("cli_ttft")
+    if r:
+      notes.append(f"{dt} CLI time to first token (`python -m gemma_jax.sample --prompt ... --max-new-tokens 1 "
+                   f"--stream`, process start to the first streamed byte; import, verified load and compile "
+                   f"included; two processes sharing a fresh compile cache): " + (
+                       f"FAILED: {r['error']}" if "error" in r else
+                       f"{r['first_s']:.2f} s, then {r['second_s']:.2f} s ({r['cache_files']} cache files)"))
     for n in args.long_lens:
       for e in engines:
         r = results.get(dt, {}).get("long", {}).get(e, {}).get(str(n))
@@ -404,6 +453,8 @@ def main():
         continue
       if not args.long_only:
         results[dt][e] = run_engine(e, python, dict(short_spec, dtype=dt), args.timeout)
+        if e == "ours":
+          results[dt]["cli_ttft"] = cli_ttft(python, str(ckpt), dt, args.timeout)
       for n in args.long_lens:
         long_spec = dict(short_spec, dtype=dt, long=True, prefill_ids=spec["long_ids"][:n],
                          mem_budget_gib=args.mem_budget)

@@ -209,19 +209,27 @@ def test_cluster_detection(env, want):
 
 # ---- in other processes -------------------------------------------------------------------------------
 
-def run_sharded_session(marker: str, extra_env: dict) -> None:
+def run_sharded_session(marker: str, extra_env: dict, files: tuple[str, ...] = ("tests/sharded",)) -> None:
   env = {**os.environ, "GEMMA_JAX_SHARDED": "1", "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8", **extra_env}
   env.pop("PYTEST_XDIST_WORKER", None)
   out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
-                        "tests/sharded"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
+                        *files], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
   assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-4000:]
   assert " passed" in out.stdout.splitlines()[-1] and "skipped" not in out.stdout.splitlines()[-1]
 
 
 def test_sharded_tiny_models_on_8_devices():
-  """tests/sharded, all but the real model: every tiny family on the 1x8, 2x4, 4x2 and 8x1 meshes."""
-  run_sharded_session("not slow", {})
+  """tests/sharded/test_sharded_tiny.py: every tiny family's generation, params, cache and restores on the
+  1x8, 2x4, 4x2 and 8x1 meshes."""
+  run_sharded_session("not slow", {}, ("tests/sharded/test_sharded_tiny.py",))
+
+
+@pytest.mark.slow
+def test_sharded_training_eval_quantized_on_8_devices():
+  """The rest of tests/sharded's tiny-model tests (FSDP training, evaluation, quantized restore and
+  generation): slow since the default suite neared CI's 20 minutes (the whole session took 472 s of it)."""
+  run_sharded_session("not slow", {}, tuple(f"tests/sharded/test_sharded_{n}.py" for n in ("train", "eval", "quant")))
 
 
 @pytest.mark.slow
