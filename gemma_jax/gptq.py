@@ -103,19 +103,12 @@ def _from_rows(w2: np.ndarray, shape: tuple[int, ...], contract: int) -> np.ndar
   return w2.T.reshape(shape) if contract > 0 else w2.reshape(shape)
 
 
-@jax.jit
-def _asymmetric_grid(wg: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return qarray._asymmetric(wg[:, None, :], 2)[1:]  # jitted once per shape, not traced per block
-
-
 def _grid(wg: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-  """(scale, offset) (O, 1) of one block (O, block) of weights: qarray's own choice for that block."""
-  if scheme in qarray.ASYMMETRIC:
-    s, m = _asymmetric_grid(jnp.asarray(wg, jnp.float32))
-    return np.asarray(s, np.float64).reshape(-1, 1), np.asarray(m, np.float64).reshape(-1, 1)
-  _, s, _ = qarray.quantize(wg.astype(np.float32), -1, scheme, None)  # XLA's float32 arithmetic, as there
+  """(scale, offset) (O, 1) of one block (O, block) of weights: qarray.quantize's own choice for that block
+  (its search for int4, absmax for the symmetric schemes; offset 0 for those), in its float32 arithmetic."""
+  _, s, m = qarray.quantize(wg.astype(np.float32), -1, scheme, None)
   s = np.asarray(s, np.float64).reshape(-1, 1)
-  return s, np.zeros_like(s)
+  return s, (np.zeros_like(s) if m is None else np.asarray(m, np.float64).reshape(-1, 1))
 
 
 def _levels(w: np.ndarray, s: np.ndarray, m: np.ndarray, scheme: str) -> np.ndarray:

@@ -187,9 +187,12 @@ def dequantize_params(config: ModelConfig, flat: dict[str, Any], dtype=jnp.float
 
 
 def calibration_hessians(graphdef, params, config: ModelConfig, tokenizer, calibration, scheme: str,
-                         block_size: int | None = None, embedding: str | None = KEEP) -> dict[str, np.ndarray]:
+                         block_size: int | None = None, embedding: str | None = KEEP, *,
+                         where: str = "the model") -> dict[str, np.ndarray]:
   """gptq.hessians of every weight `scheme` quantizes, from `calibration`: a text (tokenized with BOS, cut
-  into gptq.calibration_rows) or a list of token-id lists. A GemmaError for an empty or unusable one."""
+  into gptq.calibration_rows) or a list of token-id lists. A GemmaError for an empty or unusable one, or
+  for a scheme scheme_config refuses (an already quantized model), before any forward pass."""
+  qconfig = scheme_config(config, scheme, block_size, embedding, where=where)
   if isinstance(calibration, str):
     ids = tokenizer.encode(calibration)
     if len(ids) < 2:
@@ -205,7 +208,6 @@ def calibration_hessians(graphdef, params, config: ModelConfig, tokenizer, calib
     bad = [i for r in rows for i in r if not 0 <= i < config.vocab_size]
     if bad:
       raise GemmaError(f"calibration token id {bad[0]} is outside the vocabulary (0..{config.vocab_size - 1})")
-  qconfig = scheme_config(config, scheme, block_size, embedding)
   return gptq.hessians(graphdef, params, rows, quantized_weights(qconfig))
 
 
@@ -228,8 +230,6 @@ def quantize(model, scheme: str = "int8", block_size: int | None = None, embeddi
   """
   hessians = None
   if calibration is not None:
-    if model.config.quantized:
-      scheme_config(model.config, scheme, block_size, embedding)  # the named "already quantized" error
     hessians = calibration_hessians(model.graphdef, model.params, model.config, model.tokenizer, calibration,
                                     scheme, block_size, embedding)
   flat = {k: jnp.asarray(v) for k, v in flat_params(model.params).items()}

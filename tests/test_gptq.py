@@ -27,10 +27,6 @@ from test_quantize import IDS, QCFG, qmodel, run, save_model
 LAYOUTS = [((64, 2, 32), 1), ((2, 32, 64), 2), ((48, 2, 64), -1)]
 
 
-def rows_of(w, contract):
-  return gptq._as_rows(np.asarray(w), contract)
-
-
 @pytest.mark.parametrize("shape,contract", LAYOUTS)
 @pytest.mark.parametrize("scheme,block", [("int4", 32), ("int4", 64), ("int4-sym", 32), ("int8", None),
                                           ("int8", 32)])

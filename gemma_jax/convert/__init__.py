@@ -77,16 +77,12 @@ def _hessians(imported: Imported, text: str, scheme: str, block_size, embedding,
   from ..tokenizer import Tokenizer  # noqa: PLC0415
   from ..transformer import abstract_model, set_flat_params  # noqa: PLC0415
 
-  if imported.config.quantized:  # the named "already quantized" error, before a forward pass
-    check_scheme(scheme, block_size, embedding)
-    from ..quantize import scheme_config  # noqa: PLC0415
-    scheme_config(imported.config, scheme, block_size, embedding, where=where)
   if imported.tokenizer_proto is None:
     raise GemmaError(f"{where} has no tokenizer, which a calibration text needs")
   graphdef, state = abstract_model(imported.config)
   set_flat_params(state, dict(imported.params))
   return calibration_hessians(graphdef, state, imported.config, Tokenizer(imported.tokenizer_proto), text,
-                              scheme, block_size, embedding)
+                              scheme, block_size, embedding, where=where)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, preset: str | None = None,
