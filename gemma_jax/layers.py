@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .matmul import dot
 from .qarray import ASYMMETRIC, OFFSET_SCALE_DTYPE, QWeight, dequantize, matmul, scale_axes, scale_shape
 from .qarray import DTYPES as QDTYPES
 
@@ -36,9 +37,20 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array | QWeight, preferred
   adjacent, with a transposed copy of the weight -- inside the decode while loop, on every step
   (benchmarks/decode_profile.py measured 330 MB of copies per step for Gemma 3 270M). Reshaping a
   row-major weight to 2-D is free, so this form reads each weight exactly once.
+
+  The output may also start with a weight letter that x lacks and nothing contracts ("BTD,FCD->CBTF"):
+  then each index of it is one such matmul on that slice of the weight (a copy of the slice), stacked in
+  front. For many rows that copy is small next to the matmul, and it keeps a stacked axis of size 2 out
+  of the activations' minor dimension, where XLA:CPU's elementwise code does not vectorise
+  (the GeGLU of a bfloat16 training step, benchmarks/results/2026-12-06_train_layouts.md).
   """
   ins, out = equation.split("->")
   xs, ws = ins.split(",")
+  if out and out[0] in ws and out[0] not in xs:
+    axis = ws.index(out[0])
+    sub = f"{xs},{ws.replace(out[0], '')}->{out[1:]}"
+    size = (w.values if isinstance(w, QWeight) else w).shape[axis]
+    return jnp.stack([weight_einsum(sub, x, _take(w, axis, i), preferred_element_type) for i in range(size)])
   contracted = "".join(c for c in xs if c in ws and c not in out)
   n = len(contracted)
   nn = ws.startswith(contracted) and out == xs[:-n] + ws[n:]
@@ -61,14 +73,22 @@ def weight_einsum(equation: str, x: jax.Array, w: jax.Array | QWeight, preferred
     y = matmul(x2, w).astype(preferred_element_type or x.dtype)
     free = w.values.shape[n:] if nn else w.values.shape[:w.values.ndim - n]
   elif nn:
-    y = jax.lax.dot_general(x2, w.reshape(size, -1), (((1,), (0,)), ((), ())),
-                            preferred_element_type=preferred_element_type)
+    y = dot(x2, w.reshape(size, -1), False, preferred_element_type)
     free = w.shape[n:]
   else:
-    y = jax.lax.dot_general(x2, w.reshape(-1, size), (((1,), (1,)), ((), ())),
-                            preferred_element_type=preferred_element_type)
+    y = dot(x2, w.reshape(-1, size), True, preferred_element_type)
     free = w.shape[:w.ndim - n]
   return y[:rows].reshape(*lead, *free)
+
+
+def _take(w: jax.Array | QWeight, axis: int, i: int) -> jax.Array | QWeight:
+  """w's slice at index i of a dim that no equation contracts (a QWeight's values, scale and offset alike)."""
+  if not isinstance(w, QWeight):
+    return jax.lax.index_in_dim(w, i, axis, keepdims=False)
+  # The scale keeps the weight's free dims in place; a leading contraction (contract = n > 0) is one dim.
+  s_axis = axis if w.contract < 0 else axis - w.contract + 1
+  pick = lambda a: None if a is None else jax.lax.index_in_dim(a, i, s_axis, keepdims=False)
+  return QWeight(jax.lax.index_in_dim(w.values, i, axis, keepdims=False), pick(w.scale), w.contract, pick(w.offset))
 
 
 def quantized_params(shape: tuple[int, ...], axes: tuple[str, ...], contract: int, quant: str, block: int | None,

@@ -42,6 +42,7 @@ from .atomic import atomic_directory
 from .configs import DTYPES
 from .errors import GemmaError
 from .layers import Einsum
+from .matmul import lora_product
 from .quantize import dequantize_params, float_config
 from .shapes import unchecked_fields
 from .transformer import Transformer, flat_params, official_path
@@ -115,30 +116,29 @@ def ab_dims(w_dims: tuple, w_axes: tuple[str, ...], target: str, r) -> tuple[tup
 
 
 class LoraAdapter(nnx.Module):
-  """scale * (x A) B for one Einsum, in the letters of the Einsum's equation (see the module docstring).
-
-  Built from the values of A and B (init_adapter draws fresh ones); they are cast to the activations'
-  dtype for the product, which keeps float32 masters with bfloat16 activations.
-  """
+  """scale * (x A) B for one Einsum, in the letters of its equation (module docstring), from the values of A
+  and B (init_adapter draws fresh ones), cast to the activations' dtype (float32 masters, bf16 compute)."""
 
   def __init__(self, a: jax.Array, b: jax.Array, w_axes: tuple[str, ...], target: str, alpha: float):
-    a_axes, b_axes = ab_dims(w_axes, w_axes, target, "R")
-    self.lora_a = nnx.LoRAParam(a, axes=a_axes)
-    self.lora_b = nnx.LoRAParam(b, axes=b_axes)
+    axes = ab_dims(w_axes, w_axes, target, "R")
+    self.lora_a, self.lora_b = nnx.LoRAParam(a, axes=axes[0]), nnx.LoRAParam(b, axes=axes[1])
     self.w_axes, self.target, self.rank, self.alpha = tuple(w_axes), target, a.shape[-1], float(alpha)
     self.scale = self.alpha / self.rank
 
   def __call__(self, equation: str, x: jax.Array) -> jax.Array:
     ins, out = equation.split("->")
     xs, ws = ins.split(",")
-    if len(ws) != len(self.w_axes) or "R" in equation:
+    con = "".join(c for c, ax in zip(ws, self.w_axes) if ax in TARGETS[self.target])
+    if len(ws) != len(self.w_axes) or "R" in equation or not xs.endswith(con):
       raise ValueError(f"LoRA adapter on {self.target} (weight axes {self.w_axes}) cannot follow {equation!r}")
-    a_letters, b_letters = ("".join(t) for t in ab_dims(tuple(ws), self.w_axes, self.target, "R"))
-    con = {c for c, a in zip(ws, self.w_axes) if a in TARGETS[self.target]}
-    mid = "".join(c for c in xs + a_letters if c not in con)  # x's free letters, then C (if any) and R
-    h = jnp.einsum(f"{xs},{a_letters}->{mid}", x, self.lora_a[...].astype(x.dtype))
-    y = jnp.einsum(f"{mid},{b_letters}->{out}", h, self.lora_b[...].astype(x.dtype))
-    return y * jnp.asarray(self.scale, x.dtype)
+    stack = "".join(c for c, ax in zip(ws, self.w_axes) if ax == STACKED)
+    lead, others = xs[:len(xs) - len(con)], "".join(c for c in ws if c not in con + stack)
+    a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+    s = a.shape[0] if stack else 1  # x (lead..., con...) as 2-D: one product (matmul.lora_product)
+    y = lora_product(x.reshape(-1, math.prod(x.shape[len(lead):])), a.reshape(s, -1, a.shape[-1]),
+                     b.reshape(s, b.shape[len(stack)], -1))
+    y = y.reshape((*((s,) if stack else ()), *x.shape[:len(lead)], *b.shape[len(stack) + 1:]))
+    return jnp.einsum(f"{stack + lead + others}->{out}", y) * jnp.asarray(self.scale, x.dtype)
 
   def delta(self) -> jax.Array:
     """scale * A B in the layout of the weight it adapts, float32: w + delta() computes w and the adapter."""

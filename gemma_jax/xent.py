@@ -89,8 +89,15 @@ def _scan(hidden, table, targets, weights, softcap, chunk, grads: bool, table_gr
     t_c, dh_c, dw_c = _chunk(h_c, table, tgt_c, w_c, softcap, grads, table_grad)
     return (total + t_c, None if dw_c is None else dw + dw_c), dh_c
 
-  dw0 = jnp.zeros(table.shape, jnp.float32) if grads and table_grad else None
-  (total, dw), dh = jax.lax.scan(body, (jnp.float32(0), dw0), xs)
+  # The first chunk starts the sums (0 + x is x: the same bits), so no zero-filled (V, D) float32 table
+  # gradient is written and added: 0.67 GB each for Gemma 3 270M.
+  h0, tgt0, w0 = (x[0] for x in xs)
+  total, dh0, dw = _chunk(h0, table, tgt0, w0, softcap, grads, table_grad)
+  if n > 1:
+    (total, dw), dh = jax.lax.scan(body, (total, dw), tuple(x[1:] for x in xs))
+    dh = None if dh0 is None else jnp.concatenate([dh0[None], dh])
+  else:
+    dh = None if dh0 is None else dh0[None]
   if grads:
     dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * chunk, d)[:, :t]
   return total, dh, dw

@@ -247,3 +247,42 @@ def test_adapters_compute_in_the_activation_dtype():
   a, b = (np.asarray(v, np.float32) for v in (einsum.adapter.lora_a[...], einsum.adapter.lora_b[...]))
   want = 2.0 * np.einsum("btd,cdr,crkh->btkch", np.asarray(x, np.float32), a, b)
   np.testing.assert_allclose(np.asarray(delta, np.float32), want, rtol=0.05, atol=0.02)
+
+
+ADAPTED = [("attn.q_einsum", "BTD,DNH->BTNH", "D"), ("attn.kv_einsum", "BTD,DKCH->BTKCH", "D"),
+           ("attn.attn_vec_einsum", "BTNH,NHD->BTD", "NH"), ("mlp.gating_einsum", "BTD,FCD->BTFC", "D"),
+           ("mlp.gating_einsum", "BTD,FCD->CBTF", "D"), ("mlp.linear", "BTF,FD->BTD", "F")]
+
+
+@pytest.mark.parametrize("where, equation, con", ADAPTED, ids=[e for _, e, _ in ADAPTED])
+def test_the_adapter_product_and_its_written_out_gradients_equal_plain_autodiff(where, equation, con):
+  """lora._product has a hand-written backward pass (for XLA:CPU's layouts): its output and the gradients
+  of x, A and B equal autodiff of the plain two-einsum product, for every target's equation."""
+  model = lora.apply(transformer("tiny_gemma3_qk"), CONFIG)
+  randomize(model)
+  module = model.blocks[0]
+  for name in where.split("."):
+    module = getattr(module, name)
+  adapter = module.adapter
+  ins, out = equation.split("->")
+  xs, ws = ins.split(",")
+  a_l, b_l = ("".join(t) for t in lora.ab_dims(tuple(ws), adapter.w_axes, adapter.target, "R"))
+  sizes = {"B": 2, "T": 3, "D": model.config.embed_dim, "F": model.config.hidden_dim,
+           "N": model.config.num_heads, "H": model.config.head_dim}
+  x = jax.random.normal(jax.random.key(2), tuple(sizes[c] for c in xs))
+
+  def mine(x, a, b):
+    return lora.LoraAdapter(a, b, adapter.w_axes, adapter.target, adapter.alpha)(equation, x)
+
+  def plain(x, a, b):
+    mid = "".join(c for c in xs + a_l if c not in con)
+    return jnp.einsum(f"{mid},{b_l}->{out}", jnp.einsum(f"{xs},{a_l}->{mid}", x, a), b) * adapter.scale
+
+  a, b = adapter.lora_a[...], adapter.lora_b[...]
+  want = plain(x, a, b)
+  cot = jax.random.normal(jax.random.key(3), want.shape)
+  np.testing.assert_allclose(mine(x, a, b), want, rtol=1e-5, atol=1e-6)
+  got_g = jax.grad(lambda *v: jnp.sum(mine(*v) * cot), argnums=(0, 1, 2))(x, a, b)
+  want_g = jax.grad(lambda *v: jnp.sum(plain(*v) * cot), argnums=(0, 1, 2))(x, a, b)
+  for g, w, what in zip(got_g, want_g, "xAB"):  # float32 sums in another order: 1e-6 of the array's scale
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()), err_msg=f"{equation}: d{what}")

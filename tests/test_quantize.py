@@ -140,6 +140,8 @@ CASES = [("BTD,DNH->BTNH", (2, 3, 64), (64, 4, 8), 1, 32),
          ("BTD,DKCH->BTKCH", (2, 3, 64), (64, 1, 2, 8), 1, None),
          ("BTNH,NHD->BTD", (2, 3, 4, 16), (4, 16, 12), 2, 32),
          ("BTD,FCD->BTFC", (2, 3, 64), (24, 2, 64), -1, 32),
+         ("BTD,FCD->CBTF", (2, 3, 64), (24, 2, 64), -1, 32),        # one matmul per slice (asymmetric)
+         ("BTD,DKCH->CBTKH", (2, 3, 64), (64, 1, 2, 8), 1, 32),     # ... of a leading contraction's scale
          ("BTF,FD->BTD", (2, 3, 96), (96, 12), 1, None),
          ("BTD,VD->BTV", (1, 1, 64), (40, 64), -1, None)]
 

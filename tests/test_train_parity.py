@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from conftest import DATA
-from gemma_jax import lora, optim
+from gemma_jax import lora, optim, transformer
 from gemma_jax.convert import import_any
 from gemma_jax.transformer import Transformer, abstract_model, flat_params, set_flat_params
 
@@ -86,8 +86,15 @@ def max_diffs(got: dict, want: dict) -> tuple[float, float]:
   return max(absd), max(rel)
 
 
+# The tiny batch has fewer rows than SPLIT_GATING_ROWS; 1 sends it down the other GeGLU path (two matmuls
+# on slices of the gating weight, activations (2, B, T, F)), which must match the reference as well.
+GATING_PATHS = pytest.mark.parametrize("split_rows", [transformer.SPLIT_GATING_ROWS, 1], ids=["one_matmul", "sliced"])
+
+
+@GATING_PATHS
 @pytest.mark.parametrize("name", NAMES)
-def test_full_fine_tuning_loss_and_every_gradient_match_transformers(name, tmp_path):
+def test_full_fine_tuning_loss_and_every_gradient_match_transformers(name, split_rows, tmp_path, monkeypatch):
+  monkeypatch.setattr(transformer, "SPLIT_GATING_ROWS", split_rows)
   model = build(name)
   batch, ref = batch_of(name)
   graphdef, params = nnx.split(model)
@@ -102,8 +109,10 @@ def test_full_fine_tuning_loss_and_every_gradient_match_transformers(name, tmp_p
   assert rel < 1e-4, (name, absd, rel)  # also relative to each gradient's scale, not only atol
 
 
+@GATING_PATHS
 @pytest.mark.parametrize("name", NAMES)
-def test_lora_loss_and_every_adapter_gradient_match_peft(name):
+def test_lora_loss_and_every_adapter_gradient_match_peft(name, split_rows, monkeypatch):
+  monkeypatch.setattr(transformer, "SPLIT_GATING_ROWS", split_rows)
   model = build(name)
   batch, ref = batch_of(name)
   hf = np.load(TINY / name / "train_lora.npz")
