@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from .shapes import Array, Float, Int
 
 # Logit elements per chunk (B * chunk positions * V): 64M float32 = 256 MiB, 4 chunks at B*T = 1024 for
-# V = 262144: a memory bound (a chunk's logits, exp and gradient), not a tuned speed optimum (one chunk vs
-# several is still to be timed on a quiet machine: benchmarks/train_ab.py --variants fused,fused1).
+# V = 262144: a memory bound (a chunk's logits, exp and gradient). Fewer, larger chunks are no faster:
+# the loss and its gradients on (4, 256) bfloat16 hidden states took 2.93 / 2.82 / 3.03 s (hidden states
+# only) and 5.67 / 5.49 / 5.70 s (with the table) in 4 / 2 / 1 chunks (2026-12-06_train_layouts.md).
 CHUNK_ELEMENTS = 64 * 2**20
 
 
