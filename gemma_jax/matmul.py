@@ -4,10 +4,11 @@ Autodiff of a matmul gives the weight's gradient as a matmul that contracts the 
 both operands. XLA:CPU (jax 0.12) has no fast kernel for that form: it runs it in a generic one (108
 GFLOP/s in bfloat16 on 2 Zen 4 cores, against 260-400 with one operand transposed first) or transposes
 a large operand fused into its elementwise producer, which then runs unvectorised
-(benchmarks/results/2026-12-06_train_layouts.md). The
-backward passes here transpose one operand explicitly, the smaller where there is a choice, behind an
-optimization barrier so that XLA does not fold the transpose back into the dot. They compute the same
-products in the same dtypes as autodiff (tests/test_weight_einsum.py, tests/test_lora.py).
+(benchmarks/results/2026-12-06_train_layouts.md). The backward passes here transpose one operand
+explicitly, behind an optimization barrier so that XLA does not fold the transpose back into the dot:
+for `dot` the one whose transpose puts the gradient straight into the weight's layout, for
+`lora_product` the small (M, R) ones. They compute the same products in the same dtypes as autodiff
+(tests/test_weight_einsum.py, tests/test_lora.py).
 """
 
 from __future__ import annotations
@@ -75,15 +76,16 @@ def _lora_product_fwd(x, a, b):
 
 def _lora_product_bwd(res, g):
   x, a, b, h = res
-  dot = lambda lhs, rhs, lc, rc: jax.lax.dot_general(lhs, rhs, (((lc,), (rc,)), ((0,), (0,))))
-  gb = dot(g, b, 2, 2)  # (S, M, R): g B^T
+  # A matmul batched over S, contracting lhs dim lc with rhs dim rc.
+  bdot = lambda lhs, rhs, lc, rc: jax.lax.dot_general(lhs, rhs, (((lc,), (rc,)), ((0,), (0,))))
+  gb = bdot(g, b, 2, 2)  # (S, M, R): g B^T
   dx = jnp.einsum("SMR,SKR->MK", gb, a)
   # The barriers keep XLA from folding these transposes back into the dots (which would contract M
   # as the major dim of both operands again); they are (S, R, M), small.
   gb_t = jax.lax.optimization_barrier(jnp.swapaxes(gb, 1, 2))
   h_t = jax.lax.optimization_barrier(jnp.swapaxes(h, 1, 2))
-  da_t = dot(gb_t, jnp.broadcast_to(x, (a.shape[0], *x.shape)), 2, 1)  # (S, R, K) = (g B^T)^T x
-  db = dot(h_t, g, 2, 1)  # (S, R, N) = (x A)^T g
+  da_t = bdot(gb_t, jnp.broadcast_to(x, (a.shape[0], *x.shape)), 2, 1)  # (S, R, K) = (g B^T)^T x
+  db = bdot(h_t, g, 2, 1)  # (S, R, N) = (x A)^T g
   return dx, jnp.swapaxes(da_t, 1, 2), db
 
 

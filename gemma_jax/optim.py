@@ -161,7 +161,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     # The first microbatch's gradients start the sum (0 + g is g, so the result is the same bits): no
     # zero-filled gradient buffer to write and add, which for full fine-tuning of Gemma 3 270M is 1 GB
-    # written and 2 GB read per step (0.5 s of a bfloat16 step on 2 cores, benchmarks/train_profile.py).
+    # written and 2 GB read per step (benchmarks/results/2026-12-06_train_layouts.md).
     carry = grad(jax.tree.map(lambda x: x[0], batches))
     if batches.tokens.shape[0] > 1:
       carry, _ = jax.lax.scan(micro, carry, jax.tree.map(lambda x: x[1:], batches))
